@@ -1,0 +1,186 @@
+"""The small contract every broker adapter implements.
+
+A source yields *batches* of deliveries (one await per batch, not per message); each delivery
+carries its own ack.  A target publishes batches and says, per message, what went wrong.
+Adapters own their connection, reconnect with backoff and restore their subscriptions; they
+never import each other.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from flowbridge.errors import PublishError
+
+Headers = list[tuple[str, str]]
+"""Free-form headers: ordered, names may repeat (all values are kept)."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One message as flowbridge carries it between protocols.
+
+    ``topic`` is the name in the protocol of the adapter that produced it (source) or must
+    use it (target).  The optional fields are the native carriers every protocol has in
+    some form; ``None`` means absent, so the hot path skips them cheaply.
+    """
+
+    topic: str
+    payload: bytes
+    headers: Headers | None = None
+    content_type: str | None = None
+    correlation_id: bytes | None = None
+    reply_to: str | None = None
+    message_id: str | None = None
+    timestamp: float | None = None  # POSIX seconds
+    key: bytes | None = None  # Kafka record key
+    retain: bool = False  # MQTT retained flag
+
+
+class Settler(Protocol):
+    """Whatever acknowledges deliveries to the broker; batches acks as it sees fit."""
+
+    def ack(self, token: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A received message and the means to acknowledge it.
+
+    ``ack()`` never blocks: the adapter batches acknowledgements (multiple acks, offset
+    commits) and keeps the order its protocol requires.  A delivery that is never acked is
+    redelivered by the broker after a reconnect or restart (at-least-once).
+    """
+
+    message: Message
+    settler: Settler | None = None
+    token: Any = None
+
+    def ack(self) -> None:
+        if self.settler is not None:
+            self.settler.ack(self.token)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """What a route asks of its source.
+
+    ``filters`` are native filters (``translate_filter`` output for the source protocol).
+    ``durable`` asks for at-least-once: persistent session / durable queue / durable
+    consumer / committed offsets, acked only through ``Delivery.ack``.
+    ``max_in_flight`` bounds the deliveries handed out and not yet acked (prefetch, MQTT
+    receive maximum, fetch batch).  ``options`` are the route's source options for this
+    protocol, validated by the adapter's ``SourceOptions`` at load time.
+    """
+
+    route: str
+    filters: tuple[str, ...]
+    durable: bool
+    max_in_flight: int = 1000
+    group: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ConnState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+@dataclass(slots=True)
+class Health:
+    state: ConnState
+    detail: str = ""
+    reconnects: int = 0
+    subscribed: bool = True  # every requested subscription is active on the broker
+
+    @property
+    def ok(self) -> bool:
+        return self.state is ConnState.CONNECTED and self.subscribed
+
+
+PublishOutcome = Sequence[PublishError | None] | None
+"""``None``: every message is accepted (and confirmed when asked).  Otherwise one entry per
+message: ``None`` for accepted, a ``PublishError`` for one the target refused."""
+
+
+class Adapter(abc.ABC):
+    """One broker connection used by every route that names the broker."""
+
+    protocol: ClassVar[str]
+    supports_headers: ClassVar[bool] = True
+
+    def __init__(self, name: str, url: str, options: Mapping[str, Any]) -> None:
+        self.name = name
+        self.url = url
+        self.options = options
+        self.log = logging.getLogger(f"flowbridge.broker.{name}")
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect, retrying with exponential backoff as configured; raises ``ConnectError``
+        when the configured attempts are exhausted.  Later losses are recovered in the
+        background."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending acks and publishes, then disconnect.  Idempotent."""
+
+    @abc.abstractmethod
+    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        """Batches of deliveries for ``sub``, across reconnects, until ``close``."""
+
+    @abc.abstractmethod
+    async def publish(self, messages: Sequence[Message], *, confirm: bool) -> PublishOutcome:
+        """Publish in order.  With ``confirm`` return only once the broker confirmed every
+        message.  Raises ``PublishError(retriable=True)`` when the broker cannot be reached
+        (nothing of the batch is known to be delivered), ``PublishError(retriable=False)``
+        never: per-message refusals are returned."""
+
+    @abc.abstractmethod
+    def health(self) -> Health: ...
+
+    def max_payload(self) -> int | None:
+        """Largest body the target accepts, when the protocol tells or config sets it."""
+        return None
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        """True once connected (polls; adapters may override with an event)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while self.health().state is not ConnState.CONNECTED:
+            if self.health().state is ConnState.CLOSED:
+                return False
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential reconnect backoff: ``initial`` doubled up to ``maximum``; ``attempts``
+    None retries forever."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    attempts: int | None = None
+
+    def delays(self) -> AsyncIterator[float]:
+        return _delays(self)
+
+
+async def _delays(b: Backoff) -> AsyncIterator[float]:
+    delay = b.initial
+    n = 0
+    while b.attempts is None or n < b.attempts:
+        yield delay
+        n += 1
+        delay = min(delay * 2, b.maximum)
