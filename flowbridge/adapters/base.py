@@ -12,9 +12,11 @@ import abc
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
 
 from flowbridge.errors import PublishError
 
@@ -76,7 +78,7 @@ class Subscription:
     consumer / committed offsets, acked only through ``Delivery.ack``.
     ``max_in_flight`` bounds the deliveries handed out and not yet acked (prefetch, MQTT
     receive maximum, fetch batch).  ``options`` are the route's source options for this
-    protocol, validated by the adapter's ``SourceOptions`` at load time.
+    protocol: an instance of the adapter's ``SourceOptions``, validated at load time.
     """
 
     route: str
@@ -84,7 +86,7 @@ class Subscription:
     durable: bool
     max_in_flight: int = 1000
     group: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: Options = field(default_factory=lambda: Options())
 
 
 class ConnState(enum.Enum):
@@ -111,17 +113,43 @@ PublishOutcome = Sequence[PublishError | None] | None
 message: ``None`` for accepted, a ``PublishError`` for one the target refused."""
 
 
+class Options(BaseModel):
+    """Base of every adapter's option models: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Adapter(abc.ABC):
-    """One broker connection used by every route that names the broker."""
+    """One broker connection used by every route that names the broker.
+
+    Each adapter declares three option models, validated by the config loader at load time:
+    ``BrokerOptions`` (``brokers.NAME.options``), ``SourceOptions`` (a route's
+    ``from.options``) and ``TargetOptions`` (a route target's ``options``).
+    """
 
     protocol: ClassVar[str]
     supports_headers: ClassVar[bool] = True
+    BrokerOptions: ClassVar[type[Options]] = Options
+    SourceOptions: ClassVar[type[Options]] = Options
+    TargetOptions: ClassVar[type[Options]] = Options
 
-    def __init__(self, name: str, url: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, url: str, options: Options, backoff: Backoff) -> None:
         self.name = name
         self.url = url
         self.options = options
+        self.backoff = backoff
         self.log = logging.getLogger(f"flowbridge.broker.{name}")
+
+    @classmethod
+    def check_source(cls, options: Options, *, durable: bool) -> str | None:
+        """A cross-field problem of a route source (e.g. at-least-once where the protocol
+        cannot acknowledge), reported at load time; None when fine."""
+        return None
+
+    @classmethod
+    def check_target(cls, options: Options, *, confirm: bool) -> str | None:
+        """Likewise for a route target."""
+        return None
 
     @abc.abstractmethod
     async def connect(self) -> None:
@@ -138,8 +166,11 @@ class Adapter(abc.ABC):
         """Batches of deliveries for ``sub``, across reconnects, until ``close``."""
 
     @abc.abstractmethod
-    async def publish(self, messages: Sequence[Message], *, confirm: bool) -> PublishOutcome:
-        """Publish in order.  With ``confirm`` return only once the broker confirmed every
+    async def publish(
+        self, messages: Sequence[Message], *, confirm: bool, options: Options | None = None
+    ) -> PublishOutcome:
+        """Publish in order; ``options`` is the route target's validated ``TargetOptions``
+        (None: defaults).  With ``confirm`` return only once the broker confirmed every
         message.  Raises ``PublishError(retriable=True)`` when the broker cannot be reached
         (nothing of the batch is known to be delivered), ``PublishError(retriable=False)``
         never: per-message refusals are returned."""
