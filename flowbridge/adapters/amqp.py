@@ -1,0 +1,1051 @@
+"""AMQP 0-9-1 adapter (RabbitMQ), on aiormq's connection and framing.
+
+Topics are routing keys on one exchange (default ``amq.topic``, the exchange RabbitMQ's own
+MQTT plugin uses); a source binds its filters as binding keys of one queue per route.
+
+Hot paths avoid a task, future or await per message: the channels below handle deliveries,
+publisher confirms and returns themselves (aiormq would start a task per delivery and a
+future per publish), publishes are encoded straight to wire frames and written as one chunk,
+and acks are coalesced into ``basic.ack multiple=True``.
+
+Named fields travel in the basic properties: ``content_type``, ``correlation_id`` (a short
+string when it is UTF-8 of at most 255 bytes, else header ``x-correlation-id`` as a byte
+array), ``reply_to``, ``message_id``, ``timestamp`` (whole seconds).  ``headers`` go to the
+headers table; a repeated name becomes a field array of its values.  On receipt an array
+becomes repeated ``(name, value)`` pairs and every other AMQP value becomes text:
+strings as they are; byte arrays as UTF-8 when valid, else standard base64; booleans
+``true``/``false``; integers, floats and decimals in Python's ``str`` form; timestamps as
+ISO 8601 UTC (``2024-01-31T12:00:00Z``); void as the empty string; nested tables and
+arrays inside arrays as compact JSON.  The table carries distinct names in sorted order
+(pamqp sorts them); values of one name keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import aiormq
+from aiormq.abc import ChannelFrame
+from aiormq.channel import Channel
+from aiormq.exceptions import AMQPChannelError, AMQPError, ChannelInvalidStateError
+from pamqp import commands as spec
+from pamqp import encode as pamqp_encode
+from pamqp.body import ContentBody
+from pamqp.common import FieldValue
+from pamqp.header import ContentHeader
+from pydantic import Field
+from yarl import URL
+
+from flowbridge.adapters.base import (
+    Adapter,
+    Backoff,
+    ConnState,
+    Delivery,
+    Health,
+    Message,
+    Options,
+    PublishOutcome,
+    Subscription,
+)
+from flowbridge.errors import ConnectError, PublishError
+
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
+CORRELATION_HEADER = "x-correlation-id"
+_PREFETCH_MAX = 65535  # basic.qos prefetch_count is a short
+_CHUNK_BYTES = 256 * 1024  # publish frames are handed to the writer in chunks of this size
+_FLUSH_TIMEOUT = 5.0
+
+
+class AmqpBrokerOptions(Options):
+    exchange: str = "amq.topic"
+    exchange_type: str = "topic"
+    # None: declare (durable) unless the name is reserved (``amq.*`` or the default exchange).
+    declare_exchange: bool | None = None
+    heartbeat: int | None = Field(default=None, ge=0, le=65535)  # None: the URL's, else 60 s
+    max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, gt=0)
+    connection_name: str | None = None  # None: "flowbridge NAME"
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+
+class AmqpSourceOptions(Options):
+    exchange: str | None = None  # None: the broker's exchange
+    queue: str | None = None  # durable queue name; None: "flowbridge.<route>"
+    queue_arguments: dict[str, str | int | bool] = Field(default_factory=dict)
+
+
+class AmqpTargetOptions(Options):
+    exchange: str | None = None
+    mandatory: bool = False
+    persistent: bool | None = None  # None: persistent exactly when the publish is confirmed
+
+
+# --- message <-> wire ------------------------------------------------------------------
+
+_FRAME_END = b"\xce"
+_PUBLISH_METHOD = struct.pack(">HHH", 60, 40, 0)  # Basic.Publish, reserved ticket
+_FLAG_CONTENT_TYPE = 0x8000
+_FLAG_HEADERS = 0x2000
+_FLAG_DELIVERY_MODE = 0x1000
+_FLAG_CORRELATION_ID = 0x0400
+_FLAG_REPLY_TO = 0x0200
+_FLAG_MESSAGE_ID = 0x0080
+_FLAG_TIMESTAMP = 0x0040
+_frame_head = struct.Struct(">BHI").pack
+_header_head = struct.Struct(">HHQH").pack  # class, weight, body size, property flags
+_u64 = struct.Struct(">Q").pack
+
+
+def _shortstr(value: str, what: str) -> bytes:
+    raw = value.encode()
+    if len(raw) > 255:
+        raise PublishError(f"{what} is {len(raw)} bytes, AMQP allows 255", retriable=False)
+    return bytes((len(raw),)) + raw
+
+
+def _headers_table(msg: Message) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for name, value in msg.headers or ():
+        # pamqp truncates longer names silently; refuse instead.
+        if len(name) > 32 and len(name.encode()) > 128:
+            raise PublishError(f"header name {name[:40]!r}... over 128 bytes", retriable=False)
+        if name not in table:
+            table[name] = value
+        elif isinstance(prev := table[name], list):
+            prev.append(value)
+        else:
+            table[name] = [prev, value]
+    return table
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _properties(msg: Message, delivery_mode: int) -> tuple[int, bytes]:
+    """Property flags and values of a content header, in the order AMQP defines."""
+    flags = _FLAG_DELIVERY_MODE
+    parts: list[bytes] = []
+    if msg.content_type is not None:
+        flags |= _FLAG_CONTENT_TYPE
+        parts.append(_shortstr(msg.content_type, "content_type"))
+    corr_prop: bytes | None = None
+    table = _headers_table(msg) if msg.headers else None
+    if msg.correlation_id is not None:
+        cid = msg.correlation_id
+        if len(cid) <= 255 and _is_utf8(cid):
+            corr_prop = bytes((len(cid),)) + cid
+        else:
+            if table is None:
+                table = {}
+            table[CORRELATION_HEADER] = bytearray(cid)
+    if table is not None:
+        flags |= _FLAG_HEADERS
+        parts.append(pamqp_encode.field_table(table))
+    parts.append(b"\x02" if delivery_mode == 2 else b"\x01")
+    if corr_prop is not None:
+        flags |= _FLAG_CORRELATION_ID
+        parts.append(corr_prop)
+    if msg.reply_to is not None:
+        flags |= _FLAG_REPLY_TO
+        parts.append(_shortstr(msg.reply_to, "reply_to"))
+    if msg.message_id is not None:
+        flags |= _FLAG_MESSAGE_ID
+        parts.append(_shortstr(msg.message_id, "message_id"))
+    if msg.timestamp is not None:
+        flags |= _FLAG_TIMESTAMP
+        parts.append(_u64(max(0, int(msg.timestamp))))
+    return flags, b"".join(parts)
+
+
+def encode_publish(
+    msg: Message,
+    channel: int,
+    *,
+    exchange: bytes,
+    mandatory: bool,
+    delivery_mode: int,
+    frame_body_max: int,
+) -> bytes:
+    """The wire frames of one basic.publish: method, content header, body frames.
+
+    ``exchange`` is the exchange as an encoded short string.  Raises PublishError for a
+    message AMQP cannot carry.
+    """
+    method = (
+        _PUBLISH_METHOD
+        + exchange
+        + _shortstr(msg.topic, "routing key")
+        + (b"\x01" if mandatory else b"\x00")
+    )
+    payload = msg.payload
+    flags, props = _properties(msg, delivery_mode)
+    header = _header_head(60, 0, len(payload), flags) + props
+    out = [
+        _frame_head(1, channel, len(method)),
+        method,
+        _FRAME_END,
+        _frame_head(2, channel, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    size = len(payload)
+    if size <= frame_body_max:
+        if size:
+            out += (_frame_head(3, channel, size), payload, _FRAME_END)
+    else:
+        view = memoryview(payload)
+        for start in range(0, size, frame_body_max):
+            piece = view[start : start + frame_body_max]
+            out += (_frame_head(3, channel, len(piece)), bytes(piece), _FRAME_END)
+    return b"".join(out)
+
+
+def header_text(value: Any) -> str:
+    """An AMQP field value as header text (see the module docstring)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode()
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.UTC)
+        stamp: str = value.strftime("%Y-%m-%dT%H:%M:%SZ")
+        return stamp
+    if value is None:
+        return ""
+    text: str = json.dumps(value, default=header_text, separators=(",", ":"), ensure_ascii=False)
+    return text
+
+
+def _correlation_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    return header_text(value).encode()
+
+
+def decode_message(routing_key: str, props: spec.Basic.Properties, body: bytes) -> Message:
+    msg = Message(routing_key, body)
+    if props.content_type is not None:
+        msg.content_type = props.content_type
+    if props.correlation_id is not None:
+        msg.correlation_id = props.correlation_id.encode()
+    if props.reply_to is not None:
+        msg.reply_to = props.reply_to
+    if props.message_id is not None:
+        msg.message_id = props.message_id
+    if props.timestamp is not None:
+        msg.timestamp = props.timestamp.timestamp()
+    table = props.headers
+    if table:
+        headers: list[tuple[str, str]] = []
+        for name, value in table.items():
+            if name == CORRELATION_HEADER and msg.correlation_id is None:
+                msg.correlation_id = _correlation_bytes(value)
+            elif isinstance(value, list):
+                headers.extend((name, header_text(v)) for v in value)
+            else:
+                headers.append((name, header_text(value)))
+        if headers:
+            msg.headers = headers
+    return msg
+
+
+# --- channels -------------------------------------------------------------------------
+
+
+class _Batch:
+    """Confirm state of one publish call: one future for the batch, not one per message."""
+
+    __slots__ = ("exchange", "future", "messages", "remaining", "results", "sealed")
+
+    def __init__(
+        self, messages: Sequence[Message], exchange: str, future: asyncio.Future[None]
+    ) -> None:
+        self.messages = messages
+        self.exchange = exchange
+        self.results: list[PublishError | None] = [None] * len(messages)
+        self.remaining = 0
+        self.sealed = False  # every message is registered: confirms may complete the batch
+        self.future = future
+
+    def settle(self, index: int, nack: bool) -> None:
+        if nack and self.results[index] is None:
+            self.results[index] = PublishError("nacked by the broker", retriable=False)
+        self.remaining -= 1
+        if self.remaining == 0 and self.sealed and not self.future.done():
+            self.future.set_result(None)
+
+    def seal(self) -> None:
+        self.sealed = True
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(None)
+
+    def lost(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _ChannelLost(Exception):
+    """The channel closed before every confirm arrived; ``refused`` when the broker
+    closed the channel itself (e.g. unknown exchange) rather than the connection
+    going away."""
+
+    def __init__(self, cause: BaseException | None, *, refused: bool) -> None:
+        super().__init__(str(cause) if cause else "channel closed")
+        self.refused = refused
+
+
+DeliverHandler = Callable[[spec.Basic.Deliver, spec.Basic.Properties, bytes], None]
+
+
+class _Channel(Channel):
+    """An aiormq channel that settles confirms, returns and deliveries without a task or
+    future per message."""
+
+    def __init__(
+        self, conn: aiormq.Connection, number: int, *, confirms: bool, on_deliver: DeliverHandler
+    ) -> None:
+        super().__init__(conn, number, publisher_confirms=confirms, frame_buffer=64)
+        self.on_deliver = on_deliver
+        self.next_tag = 1
+        self.pending: dict[int, tuple[_Batch, int]] = {}
+        self.order: deque[int] = deque()
+        self.unreported_returns = 0
+        self.closing.add_done_callback(self._closed)
+
+    def _closed(self, _: asyncio.Future[Any]) -> None:
+        cause = self._close_exception
+        refused = isinstance(cause, AMQPChannelError) and self.connection.is_opened
+        lost = _ChannelLost(cause, refused=refused)
+        for batch, _index in self.pending.values():
+            batch.lost(lost)
+        self.pending.clear()
+        self.order.clear()
+
+    async def _read_body(self, size: int) -> bytes:
+        if not size:
+            return b""
+        frame = await self._get_frame()
+        if not isinstance(frame, ContentBody):
+            raise TypeError(f"expected a content body, got {frame!r}")
+        body = frame.value
+        if len(body) >= size:
+            return body
+        parts = [body]
+        got = len(body)
+        while got < size:
+            frame = await self._get_frame()
+            if not isinstance(frame, ContentBody):
+                raise TypeError(f"expected a content body, got {frame!r}")
+            parts.append(frame.value)
+            got += len(frame.value)
+        return b"".join(parts)
+
+    async def _read_content_header(self) -> ContentHeader:
+        header = await self._get_frame()
+        if not isinstance(header, ContentHeader):
+            raise TypeError(f"expected a content header, got {header!r}")
+        return header
+
+    async def _on_deliver_frame(self, frame: spec.Basic.Deliver) -> None:
+        header = await self._read_content_header()
+        body = await self._read_body(header.body_size)
+        self.on_deliver(frame, header.properties, body)
+
+    async def _on_confirm_frame(
+        self, frame: spec.Basic.Ack | spec.Basic.Nack | spec.Basic.Reject
+    ) -> None:
+        tag = frame.delivery_tag or 0
+        nack = not isinstance(frame, spec.Basic.Ack)
+        pending = self.pending
+        order = self.order
+        if getattr(frame, "multiple", False):
+            while order and order[0] <= tag:
+                entry = pending.pop(order.popleft(), None)
+                if entry is not None:
+                    entry[0].settle(entry[1], nack)
+        else:
+            entry = pending.pop(tag, None)
+            if entry is not None:
+                entry[0].settle(entry[1], nack)
+            while order and order[0] not in pending:
+                order.popleft()
+
+    async def _on_return_frame(self, frame: spec.Basic.Return) -> None:
+        header = await self._read_content_header()
+        await self._read_body(header.body_size)
+        # A return precedes the confirm of its message and returns come in publish order,
+        # so it belongs to the oldest unconfirmed, not yet returned message with its
+        # exchange and routing key.
+        error = PublishError(f"unroutable: {frame.reply_code} {frame.reply_text}", retriable=False)
+        for tag in self.order:
+            entry = self.pending.get(tag)
+            if entry is None:
+                continue
+            batch, index = entry
+            if (
+                batch.results[index] is None
+                and batch.exchange == frame.exchange
+                and batch.messages[index].topic == frame.routing_key
+            ):
+                batch.results[index] = error
+                return
+        self.unreported_returns += 1
+
+    def register(self, batch: _Batch, index: int) -> int:
+        tag = self.next_tag
+        self.next_tag = tag + 1
+        self.pending[tag] = (batch, index)
+        self.order.append(tag)
+        batch.remaining += 1
+        return tag
+
+
+def _ignore_delivery(*_: Any) -> None:
+    return None
+
+
+async def _consumer_placeholder(_: Any) -> None:
+    """aiormq wants a consumer callback; deliveries go to ``_Channel.on_deliver``."""
+
+
+async def _put(channel: _Channel, frame: ChannelFrame) -> None:
+    """Hand frames to the connection's writer; fails instead of waiting forever when the
+    channel or connection goes away while the writer queue is full."""
+    if channel.is_closed:
+        raise _ChannelLost(channel._close_exception, refused=False)
+    queue = channel.write_queue
+    try:
+        queue.put_nowait(frame)
+    except asyncio.QueueFull:
+        pass
+    else:
+        return
+    put = asyncio.ensure_future(queue.put(frame))
+    closing = channel.closing
+    try:
+        await asyncio.wait((put, closing), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not put.done():
+            put.cancel()
+        closing.cancel()
+    if put.cancelled():
+        raise _ChannelLost(channel._close_exception, refused=False)
+
+
+def _refused(exc: BaseException, conn: aiormq.Connection | None) -> bool:
+    """True when the broker refused something on a channel (unknown exchange, queue with
+    other arguments, access) while the connection itself is fine."""
+    return isinstance(exc, AMQPChannelError) and conn is not None and conn.is_opened
+
+
+# Errors that mean the connection or channel went away under an operation.
+_LOST = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError)
+
+
+# --- consumers ------------------------------------------------------------------------
+
+
+class _Acks:
+    """Acknowledgements of one channel generation, coalesced into multiple acks."""
+
+    __slots__ = ("channel", "dead", "done", "pressure", "sent", "singles", "upto", "wake")
+
+    def __init__(self, channel: _Channel, pressure: int, wake: asyncio.Event) -> None:
+        self.channel = channel
+        self.upto = 0  # every tag up to this one is acked
+        self.sent = 0  # highest multiple ack written
+        self.done: set[int] = set()  # acked above a gap, not yet written
+        self.singles: set[int] = set()  # acked above a gap and written one by one
+        self.pressure = pressure
+        self.dead = False
+        self.wake = wake
+
+    def ack(self, token: Any) -> None:
+        if self.dead:
+            return  # the broker redelivers what the lost channel had delivered
+        tag: int = token
+        upto = self.upto
+        if tag == upto + 1:
+            upto = tag
+            done, singles = self.done, self.singles
+            while done or singles:
+                if upto + 1 in done:
+                    done.discard(upto + 1)
+                elif upto + 1 in singles:
+                    singles.discard(upto + 1)
+                else:
+                    break
+                upto += 1
+            self.upto = upto
+            self.wake.set()
+        elif tag > upto and tag not in self.singles:
+            self.done.add(tag)
+            if len(self.done) >= self.pressure:
+                self.wake.set()
+
+    def ack_through(self, tag: int) -> None:
+        if not self.dead and tag > self.upto:
+            self.upto = tag
+            self.wake.set()
+
+    def frames(self) -> list[spec.Basic.Ack]:
+        frames: list[spec.Basic.Ack] = []
+        if self.upto > self.sent:
+            # Acks only what is outstanding, so tags already acked one by one are fine.
+            frames.append(spec.Basic.Ack(delivery_tag=self.upto, multiple=True))
+            self.sent = self.upto
+        if len(self.done) >= self.pressure:
+            # A gap holding half the prefetch window would stall the consumer: ack the tags
+            # above it one by one, and remember them so none is ever acked twice.
+            tags = sorted(self.done)
+            frames.extend(spec.Basic.Ack(delivery_tag=t) for t in tags)
+            self.singles.update(tags)
+            self.done = set()
+        return frames
+
+
+class _Consumer:
+    def __init__(self, adapter: AmqpAdapter, sub: Subscription) -> None:
+        self.adapter = adapter
+        self.sub = sub
+        opts = sub.options
+        self.opts = opts if isinstance(opts, AmqpSourceOptions) else AmqpSourceOptions()
+        self.prefetch = max(1, min(sub.max_in_flight, _PREFETCH_MAX))
+        self.ready: deque[Delivery] = deque()
+        self.wakeup = asyncio.Event()
+        self.ack_wake = asyncio.Event()
+        self.acks: _Acks | None = None
+        self.channel: _Channel | None = None
+        self.conn: aiormq.Connection | None = None
+        self.error: BaseException | None = None
+        self.start_lock = asyncio.Lock()
+        self.acker: asyncio.Task[None] | None = None
+        self.queue = ""
+        self.consuming = False
+
+    @property
+    def active(self) -> bool:
+        ch = self.channel
+        return self.consuming and ch is not None and not ch.is_closed
+
+    async def start(self, conn: aiormq.Connection) -> None:
+        async with self.start_lock:
+            if self.conn is conn and self.active:
+                return
+            self.lose()
+            ch = await self.adapter._open_channel(conn, confirms=False, on_deliver=self._deliver)
+            acks = _Acks(ch, max(1, self.prefetch // 2), self.ack_wake)
+            sub = self.sub
+            exchange = self.opts.exchange or self.adapter.opts.exchange
+            await ch.basic_qos(prefetch_count=self.prefetch)
+            await self.adapter._ensure_exchange(ch, exchange)
+            args: dict[str, FieldValue] | None = dict(self.opts.queue_arguments) or None
+            if sub.durable:
+                name = self.opts.queue or f"flowbridge.{sub.route}"
+                ok = await ch.queue_declare(name, durable=True, arguments=args)
+            elif sub.group:
+                # Competing consumers share one queue that outlives none of them.
+                name = self.opts.queue or f"flowbridge.{sub.route}.{sub.group}"
+                ok = await ch.queue_declare(name, auto_delete=True, arguments=args)
+            else:
+                ok = await ch.queue_declare("", exclusive=True, auto_delete=True, arguments=args)
+            self.queue = ok.queue or ""
+            for binding_key in sub.filters:
+                await ch.queue_bind(self.queue, exchange, routing_key=binding_key)
+            self.ready.clear()
+            self.channel, self.acks, self.conn = ch, acks, conn
+            ch.on_consumer_cancel_callbacks.add(self._cancelled)
+            ch.closing.add_done_callback(lambda _: self._channel_closed(ch))
+            await ch.basic_consume(self.queue, _consumer_placeholder)
+            self.consuming = True
+            if self.acker is None or self.acker.done():
+                self.acker = asyncio.create_task(
+                    self._ack_loop(), name=f"amqp-acks-{self.adapter.name}-{sub.route}"
+                )
+
+    def _deliver(
+        self, frame: spec.Basic.Deliver, props: spec.Basic.Properties, body: bytes
+    ) -> None:
+        msg = decode_message(frame.routing_key or "", props, body)
+        settler = self.acks if self.sub.durable else None
+        self.ready.append(Delivery(msg, settler, frame.delivery_tag))
+        self.wakeup.set()
+
+    def _cancelled(self, _frame: Any) -> None:
+        # The broker cancelled the consumer (queue deleted): start over on a new channel.
+        self.adapter.log.warning("consumer of route %s cancelled by the broker", self.sub.route)
+        self.consuming = False
+        if self.channel is not None:
+            self.adapter._spawn(self.channel.close())
+        self.adapter._restart_consumer(self)
+
+    def _channel_closed(self, ch: _Channel) -> None:
+        if ch is not self.channel:
+            return
+        self.consuming = False
+        if self.adapter.closing:
+            return
+        cause = ch._close_exception
+        if isinstance(cause, AMQPChannelError) and ch.connection.is_opened:
+            self.adapter.log.warning("channel of route %s closed: %s", self.sub.route, cause)
+            self.adapter._restart_consumer(self)
+
+    def lose(self) -> None:
+        """Forget the current channel: its unacked deliveries come back from the broker."""
+        if self.acks is not None:
+            self.acks.dead = True
+        self.consuming = False
+        self.ready.clear()
+
+    async def _ack_loop(self) -> None:
+        while True:
+            await self.ack_wake.wait()
+            self.ack_wake.clear()
+            await self.flush()
+
+    async def flush(self, *, wait: bool = False) -> None:
+        acks = self.acks
+        if acks is None or acks.dead or acks.channel.is_closed:
+            return
+        frames = acks.frames()
+        if not frames:
+            return
+        ch = acks.channel
+        drain = asyncio.get_running_loop().create_future() if wait else None
+        try:
+            await _put(ch, ChannelFrame.marshall(ch.number, frames, drain_future=drain))
+            if drain is not None:
+                await asyncio.wait_for(drain, _FLUSH_TIMEOUT)
+        except (_ChannelLost, AMQPError, TimeoutError) as exc:
+            self.adapter.log.debug("acks not sent (broker redelivers): %s", exc)
+
+    async def batches(self) -> AsyncIterator[list[Delivery]]:
+        while True:
+            if not self.ready:
+                if self.error is not None:
+                    raise self.error
+                if self.adapter.closing:
+                    return
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            batch = list(self.ready)
+            self.ready.clear()
+            if not self.sub.durable and self.acks is not None:
+                # At-most-once: acked when handed out, so prefetch still paces the broker.
+                self.acks.ack_through(batch[-1].token)
+            yield batch
+
+    async def stop(self) -> None:
+        await self.flush(wait=True)
+        if self.acker is not None:
+            self.acker.cancel()
+        self.lose()
+        ch = self.channel
+        self.channel = None
+        if ch is not None and not ch.is_closed:
+            try:
+                await asyncio.wait_for(ch.close(), _FLUSH_TIMEOUT)
+            except (AMQPError, TimeoutError, OSError) as exc:
+                self.adapter.log.debug("closing channel: %s", exc)
+
+
+# --- the adapter ----------------------------------------------------------------------
+
+
+def _censored(url: str) -> str:
+    parsed = URL(url)
+    if parsed.password is not None:
+        parsed = parsed.with_password("***")
+    return str(parsed)
+
+
+class AmqpAdapter(Adapter):
+    protocol: ClassVar[str] = "amqp"
+    BrokerOptions: ClassVar[type[Options]] = AmqpBrokerOptions
+    SourceOptions: ClassVar[type[Options]] = AmqpSourceOptions
+    TargetOptions: ClassVar[type[Options]] = AmqpTargetOptions
+
+    def __init__(self, name: str, url: str, options: Options, backoff: Backoff) -> None:
+        super().__init__(name, url, options, backoff)
+        self.opts = options if isinstance(options, AmqpBrokerOptions) else AmqpBrokerOptions()
+        conn_url = URL(url)
+        if self.opts.heartbeat is not None:
+            conn_url = conn_url.update_query(heartbeat=str(self.opts.heartbeat))
+        self._conn_url = conn_url
+        self.connection_name = self.opts.connection_name or f"flowbridge {name}"
+        self._conn: aiormq.Connection | None = None
+        self._state = ConnState.DISCONNECTED
+        self._detail = ""
+        self._reconnects = 0
+        self.closing = False
+        self._consumers: set[_Consumer] = set()
+        self._publishers: dict[bool, _Channel] = {}
+        self._publisher_lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connected = asyncio.Event()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @classmethod
+    def check_target(cls, options: Options, *, confirm: bool) -> str | None:
+        if isinstance(options, AmqpTargetOptions) and options.mandatory and not confirm:
+            return "mandatory needs confirm: a returned message is reported through its confirm"
+        return None
+
+    def max_payload(self) -> int | None:
+        return self.opts.max_message_size
+
+    def health(self) -> Health:
+        subscribed = all(c.active for c in self._consumers)
+        return Health(self._state, self._detail, self._reconnects, subscribed)
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109 (the contract's signature)
+        if self._state is ConnState.CLOSED:
+            return False
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self._state is ConnState.CONNECTED
+
+    # connection ---------------------------------------------------------------------
+
+    def _error(self, cause: object) -> ConnectError:
+        return ConnectError(f"broker {self.name} ({_censored(self.url)}): {cause}")
+
+    async def _open(self) -> aiormq.Connection:
+        conn = aiormq.Connection(
+            self._conn_url, client_properties={"connection_name": self.connection_name}
+        )
+        try:
+            async with asyncio.timeout(self.opts.connect_timeout):
+                await conn.connect()
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _establish(self) -> None:
+        """Connect (retrying with backoff) and restore every subscription."""
+        self._state = ConnState.CONNECTING
+        delays = self.backoff.delays()
+        failures = 0
+        while True:
+            try:
+                conn = await self._open()
+                self._conn = conn
+                self._declared = set()
+                self._publishers = {}
+                for consumer in list(self._consumers):
+                    try:
+                        await consumer.start(conn)
+                    except AMQPChannelError as exc:
+                        consumer.error = self._error(f"route {consumer.sub.route}: {exc}")
+                        consumer.wakeup.set()
+                break
+            except (AMQPError, OSError, TimeoutError) as exc:
+                failures += 1
+                self._detail = str(exc) or type(exc).__name__
+                attempts = self.backoff.attempts
+                delay = await anext(delays, None)
+                if (attempts is not None and failures >= attempts) or delay is None:
+                    raise self._error(exc) from exc
+                self.log.warning("connect failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+        self._state = ConnState.CONNECTED
+        self._detail = ""
+        self._connected.set()
+
+    async def connect(self) -> None:
+        if self.closing:
+            raise self._error("adapter closed")
+        if self._state is ConnState.CONNECTED:
+            return
+        try:
+            await self._establish()
+        except ConnectError:
+            self._state = ConnState.DISCONNECTED
+            raise
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"amqp-{self.name}")
+
+    async def _supervise(self) -> None:
+        while not self.closing:
+            conn = self._conn
+            assert conn is not None
+            await asyncio.wait((conn.closing,))
+            if self.closing:
+                return
+            cause = conn.closing.exception() if not conn.closing.cancelled() else None
+            self._connected.clear()
+            self._state = ConnState.DISCONNECTED
+            self._detail = f"connection lost: {cause}"
+            self.log.warning("connection lost (%s); reconnecting", cause)
+            for consumer in self._consumers:
+                consumer.lose()
+            try:
+                await self._establish()
+            except ConnectError as exc:
+                self._state = ConnState.CLOSED
+                self._detail = str(exc)
+                for consumer in self._consumers:
+                    consumer.error = exc
+                    consumer.wakeup.set()
+                return
+            self._reconnects += 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.log.warning("background task failed: %r", exc)
+
+    def _restart_consumer(self, consumer: _Consumer) -> None:
+        async def restart() -> None:
+            delays = self.backoff.delays()
+            while not self.closing and consumer in self._consumers:
+                conn = self._conn
+                if conn is None or conn.is_closed:
+                    return  # the supervisor restarts it with the connection
+                try:
+                    await consumer.start(conn)
+                except AMQPChannelError as exc:
+                    consumer.error = self._error(f"route {consumer.sub.route}: {exc}")
+                    consumer.wakeup.set()
+                    return
+                except _LOST as exc:
+                    delay = await anext(delays, self.backoff.maximum)
+                    self.log.warning("resubscribing %s failed: %s", consumer.sub.route, exc)
+                    await asyncio.sleep(delay)
+                else:
+                    return
+
+        self._spawn(restart())
+
+    async def _open_channel(
+        self, conn: aiormq.Connection, *, confirms: bool, on_deliver: DeliverHandler
+    ) -> _Channel:
+        await conn.connected.wait()
+        number = 1
+        while number in conn.channels:
+            number += 1
+        ch = _Channel(conn, number, confirms=confirms, on_deliver=on_deliver)
+        conn.channels[number] = ch
+        await ch.open(timeout=self.opts.connect_timeout)
+        return ch
+
+    def _declares(self, exchange: str) -> bool:
+        flag = self.opts.declare_exchange
+        if flag is None:
+            return exchange != "" and not exchange.startswith("amq.")
+        return flag
+
+    async def _ensure_exchange(self, ch: _Channel, exchange: str) -> None:
+        if exchange in self._declared or not self._declares(exchange):
+            return
+        await ch.exchange_declare(exchange, exchange_type=self.opts.exchange_type, durable=True)
+        self._declared.add(exchange)
+
+    async def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self._inflight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), _FLUSH_TIMEOUT)
+            except TimeoutError:
+                self.log.warning("closing with %d publish calls unfinished", self._inflight)
+        for consumer in list(self._consumers):
+            await consumer.flush(wait=True)
+            consumer.wakeup.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+        for consumer in list(self._consumers):
+            consumer.lose()
+            if consumer.acker is not None:
+                consumer.acker.cancel()
+        self._state = ConnState.CLOSED
+        self._connected.set()
+
+    async def __aenter__(self) -> AmqpAdapter:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # source -------------------------------------------------------------------------
+
+    async def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        consumer = _Consumer(self, sub)
+        self._consumers.add(consumer)
+        try:
+            conn = self._conn
+            if self._state is ConnState.CONNECTED and conn is not None:
+                try:
+                    await consumer.start(conn)
+                except AMQPChannelError as exc:
+                    raise self._error(f"route {sub.route}: {exc}") from exc
+                except (AMQPError, OSError) as exc:
+                    # The connection is going away; the supervisor subscribes again.
+                    self.log.debug("subscribe during connection loss: %s", exc)
+            async for batch in consumer.batches():
+                yield batch
+        finally:
+            self._consumers.discard(consumer)
+            await consumer.stop()
+
+    # target -------------------------------------------------------------------------
+
+    async def _publisher(self, confirm: bool, exchange: str) -> _Channel:
+        ch = self._publishers.get(confirm)
+        if ch is None or ch.is_closed:
+            async with self._publisher_lock:
+                ch = self._publishers.get(confirm)
+                if ch is None or ch.is_closed:
+                    conn = self._conn
+                    if conn is None or conn.is_closed:
+                        raise PublishError(f"broker {self.name}: not connected", retriable=True)
+                    ch = await self._open_channel(
+                        conn, confirms=confirm, on_deliver=_ignore_delivery
+                    )
+                    self._publishers[confirm] = ch
+        if exchange not in self._declared and self._declares(exchange):
+            await self._ensure_exchange(ch, exchange)
+        return ch
+
+    async def publish(
+        self, messages: Sequence[Message], *, confirm: bool, options: Options | None = None
+    ) -> PublishOutcome:
+        if not messages:
+            return None
+        opts = options if isinstance(options, AmqpTargetOptions) else AmqpTargetOptions()
+        if self._state is not ConnState.CONNECTED or self.closing:
+            raise PublishError(f"broker {self.name}: not connected", retriable=True)
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._publish(messages, confirm, opts)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
+
+    async def _publish(
+        self, messages: Sequence[Message], confirm: bool, opts: AmqpTargetOptions
+    ) -> PublishOutcome:
+        exchange = self.opts.exchange if opts.exchange is None else opts.exchange
+        persistent = confirm if opts.persistent is None else opts.persistent
+        delivery_mode = 2 if persistent else 1
+        mandatory = opts.mandatory
+        limit = self.opts.max_message_size
+        results: list[PublishError | None] = [None] * len(messages)
+        refused = False
+        try:
+            ch = await self._publisher(confirm, exchange)
+        except AMQPChannelError as exc:
+            error = PublishError(f"exchange {exchange!r}: {exc}", retriable=False)
+            return [error] * len(messages)
+        except (AMQPError, OSError, TimeoutError) as exc:
+            raise PublishError(f"broker {self.name}: {exc}", retriable=True) from exc
+        exchange_raw = _shortstr(exchange, "exchange")
+        body_max = ch.max_content_size
+        batch = (
+            _Batch(messages, exchange, asyncio.get_running_loop().create_future())
+            if confirm
+            else None
+        )
+        try:
+            async with ch.lock:
+                number = ch.number
+                chunk: list[bytes] = []
+                size = 0
+                for i, msg in enumerate(messages):
+                    if len(msg.payload) > limit:
+                        results[i] = PublishError(
+                            f"payload of {len(msg.payload)} bytes over max_message_size {limit}",
+                            retriable=False,
+                        )
+                        refused = True
+                        continue
+                    try:
+                        frames = encode_publish(
+                            msg,
+                            number,
+                            exchange=exchange_raw,
+                            mandatory=mandatory,
+                            delivery_mode=delivery_mode,
+                            frame_body_max=body_max,
+                        )
+                    except PublishError as exc:
+                        results[i] = exc
+                        refused = True
+                        continue
+                    except (TypeError, ValueError) as exc:
+                        results[i] = PublishError(str(exc), retriable=False)
+                        refused = True
+                        continue
+                    if batch is not None:
+                        ch.register(batch, i)
+                    chunk.append(frames)
+                    size += len(frames)
+                    if size >= _CHUNK_BYTES:
+                        await _put(ch, ChannelFrame(payload=b"".join(chunk), should_close=False))
+                        chunk, size = [], 0
+                if chunk:
+                    await _put(ch, ChannelFrame(payload=b"".join(chunk), should_close=False))
+        except (_ChannelLost, *_LOST) as exc:
+            if batch is None or not isinstance(exc, _ChannelLost):
+                raise PublishError(f"broker {self.name}: {exc}", retriable=True) from exc
+            batch.lost(exc)
+        if batch is None:
+            return results if refused else None
+        batch.seal()
+        try:
+            await batch.future
+        except _ChannelLost as exc:
+            if not exc.refused:
+                raise PublishError(
+                    f"broker {self.name}: connection lost before confirms: {exc}", retriable=True
+                ) from exc
+            error = PublishError(f"channel closed by the broker: {exc}", retriable=False)
+            for i, result in enumerate(batch.results):
+                results[i] = results[i] or result or error
+            return results
+        for i, result in enumerate(batch.results):
+            if result is not None:
+                results[i] = result
+                refused = True
+        return results if refused else None
