@@ -1,0 +1,244 @@
+"""MQTT codec: round trips of every packet and property, partial reads, malformed input."""
+
+from __future__ import annotations
+
+import pytest
+
+from flowbridge.adapters import _mqtt_wire as w
+from flowbridge.adapters.mqtt import format_timestamp, parse_timestamp
+from flowbridge.errors import FlowbridgeError
+
+ALL_PROPS: w.Props = {
+    w.PAYLOAD_FORMAT: 1,
+    w.MESSAGE_EXPIRY: 3600,
+    w.CONTENT_TYPE: "application/json",
+    w.RESPONSE_TOPIC: "reply/here",
+    w.CORRELATION_DATA: b"\x00\xffcorr",
+    w.SUBSCRIPTION_ID: [7, 268_435_455],
+    w.SESSION_EXPIRY: 0xFFFFFFFF,
+    w.ASSIGNED_CLIENT_ID: "auto-1",
+    w.SERVER_KEEP_ALIVE: 120,
+    0x15: "SCRAM",
+    0x16: b"authdata",
+    0x17: 1,
+    0x18: 30,
+    0x19: 0,
+    0x1A: "resp-info",
+    0x1C: "other:1883",
+    w.REASON_STRING: "because",
+    w.RECEIVE_MAXIMUM: 10,
+    w.TOPIC_ALIAS_MAXIMUM: 5,
+    w.TOPIC_ALIAS: 3,
+    w.MAXIMUM_QOS: 1,
+    0x25: 0,
+    w.USER_PROPERTY: [("k", "1"), ("k", "2"), ("ü", "ß")],
+    w.MAXIMUM_PACKET_SIZE: 1 << 20,
+    0x28: 1,
+    0x29: 1,
+    0x2A: 0,
+}
+
+PACKETS_5: list[w.Packet] = [
+    w.Connect("c1", w.V5, True, 30, "user", b"pw", {w.SESSION_EXPIRY: 60}),
+    w.Connect(
+        "c2",
+        w.V5,
+        False,
+        0,
+        will_topic="will/t",
+        will_payload=b"bye",
+        will_qos=1,
+        will_retain=True,
+        will_properties={w.CONTENT_TYPE: "text/plain"},
+    ),
+    w.Connack(True, 0, {w.RECEIVE_MAXIMUM: 20, w.MAXIMUM_PACKET_SIZE: 1000}),
+    w.Connack(False, 0x86),
+    w.Publish("a/b", b"payload", 0, False, False, 0, {}),
+    w.Publish("a/b", b"", 1, True, True, 65535, ALL_PROPS),
+    w.Publish("ü/€", b"\x00" * 300, 2, False, False, 1, {w.USER_PROPERTY: [("x", "y")]}),
+    w.PubAck(1),
+    w.PubAck(2, 0x10),
+    w.PubAck(3, 0x87, {w.REASON_STRING: "no"}),
+    w.PubRec(4),
+    w.PubRec(5, 0x80),
+    w.PubRel(6),
+    w.PubRel(7, 0x92),
+    w.PubComp(8),
+    w.PubComp(9, 0x92, {w.USER_PROPERTY: [("a", "b")]}),
+    w.Subscribe(
+        10,
+        [w.SubTopic("a/#", 1, True, True, 1), w.SubTopic("$share/g/b/+", 2, False, False, 2)],
+        {w.SUBSCRIPTION_ID: [42]},
+    ),
+    w.Suback(10, [1, 0x8F], {w.REASON_STRING: "bad filter"}),
+    w.Unsubscribe(11, ["a/#", "b"], {w.USER_PROPERTY: [("u", "v")]}),
+    w.Unsuback(11, [0, 0x11]),
+    w.PingReq(),
+    w.PingResp(),
+    w.Disconnect(),
+    w.Disconnect(0x8E, {w.REASON_STRING: "taken over", w.SESSION_EXPIRY: 0}),
+    w.Auth(0x18, {0x15: "SCRAM", 0x16: b"x"}),
+]
+
+PACKETS_311: list[w.Packet] = [
+    w.Connect("c1", w.V311, True, 60, "u", b"p"),
+    w.Connect("c2", w.V311, False, 10, will_topic="w", will_payload=b"x", will_qos=2),
+    w.Connack(True, 0),
+    w.Connack(False, 5),
+    w.Publish("a/b", b"x", 0, True, False, 0, None),
+    w.Publish("a/b", b"y" * 200, 1, False, True, 9, None),
+    w.Publish("a/b", b"z", 2, False, False, 10, None),
+    w.PubAck(1),
+    w.PubRec(2),
+    w.PubRel(3),
+    w.PubComp(4),
+    w.Subscribe(5, [w.SubTopic("a/+", 1), w.SubTopic("#", 2)]),
+    w.Suback(5, [1, 0x80]),
+    w.Unsubscribe(6, ["a/+"]),
+    w.Unsuback(6),
+    w.PingReq(),
+    w.PingResp(),
+    w.Disconnect(),
+]
+
+
+@pytest.mark.parametrize("packet", PACKETS_5, ids=lambda p: type(p).__name__)
+def test_round_trip_v5(packet: w.Packet) -> None:
+    data = w.encode(packet, w.V5)
+    assert w.Parser(w.V5).feed(data) == [packet]
+
+
+@pytest.mark.parametrize("packet", PACKETS_311, ids=lambda p: type(p).__name__)
+def test_round_trip_v311(packet: w.Packet) -> None:
+    data = w.encode(packet, w.V311)
+    assert w.Parser(w.V311).feed(data) == [packet]
+
+
+def test_v311_has_no_properties_on_the_wire() -> None:
+    plain = w.encode(w.Publish("t", b"p", 1, packet_id=1), w.V311)
+    assert plain == b"\x32\x06\x00\x01t\x00\x01p"
+    assert w.encode(w.PubAck(1), w.V311) == b"\x40\x02\x00\x01"
+
+
+@pytest.mark.parametrize("version", [w.V311, w.V5])
+def test_byte_at_a_time(version: int) -> None:
+    packets = PACKETS_5 if version == w.V5 else PACKETS_311
+    stream = b"".join(w.encode(p, version) for p in packets if not isinstance(p, w.Connect))
+    parser = w.Parser(version)
+    got: list[w.Packet] = []
+    for i in range(len(stream)):
+        got.extend(parser.feed(stream[i : i + 1]))
+    assert got == [p for p in packets if not isinstance(p, w.Connect)]
+    assert parser.buffered == 0
+
+
+def test_many_packets_in_one_chunk_and_split_remaining_length() -> None:
+    big = w.Publish("t", b"x" * 20_000, 1, packet_id=3, properties={})
+    data = w.encode(big) * 3
+    parser = w.Parser()
+    # Split inside the multi-byte remaining length of the second packet.
+    first_len = len(data) // 3
+    assert parser.feed(data[: first_len + 2]) == [big]
+    assert parser.feed(data[first_len + 2 :]) == [big, big]
+
+
+@pytest.mark.parametrize(
+    ("n", "encoded"),
+    [
+        (0, b"\x00"),
+        (127, b"\x7f"),
+        (128, b"\x80\x01"),
+        (16_383, b"\xff\x7f"),
+        (16_384, b"\x80\x80\x01"),
+        (2_097_152, b"\x80\x80\x80\x01"),
+        (268_435_455, b"\xff\xff\xff\x7f"),
+    ],
+)
+def test_varint(n: int, encoded: bytes) -> None:
+    assert w.encode_varint(n) == encoded
+    assert w._Reader(encoded).varint() == n
+
+
+def test_varint_out_of_range() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        w.encode_varint(268_435_456)
+
+
+def test_user_properties_keep_order_and_repeats() -> None:
+    props = {w.USER_PROPERTY: [("b", "1"), ("a", "2"), ("b", "3")]}
+    encoded = w.encode_props(props)
+    assert w._Reader(encoded).props() == props
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\x30\xff\xff\xff\xff\x01", "longer than 4 bytes"),
+        (b"\x36\x03\x00\x01t", "QoS 3"),
+        (b"\x32\x03\x00\x01t", "without packet identifier"),
+        (b"\x32\x05\x00\x01t\x00\x00", "packet identifier 0"),
+        (b"\x30\x03\x00\x05t", "topic overruns"),
+        (b"\x30\x04\x00\x02\xff\xfe", "not valid UTF-8"),
+        (b"\x30\x04\x00\x01t\x05", "shorter than its fields"),  # v5 properties overrun
+        (b"\x30\x05\x00\x01t\x01\x7f", "unknown property"),
+        (b"\x30\x08\x00\x01t\x04\x01\x01\x01\x01", "given twice"),
+        (b"\x41\x02\x00\x01", "reserved flags"),
+        (b"\x00\x00", "reserved packet type"),
+        (b"\x40\x05\x00\x01\x00\x00\x00", "trailing bytes"),
+        (b"\x20\x02\x02\x00", "CONNACK with reserved flags"),
+        (b"\x90\x02\x00\x01", "shorter than its fields"),  # v5 SUBACK without properties length
+        (b"\x10\x07\x00\x04MQTX\x05", "protocol name"),
+        (b"\x10\x0a\x00\x04MQTT\x03\x02\x00\x3c\x00", "protocol level 3"),
+    ],
+)
+def test_malformed(data: bytes, match: str) -> None:
+    with pytest.raises(w.MalformedPacket, match=match):
+        w.Parser(w.V5).feed(data)
+
+
+def test_malformed_is_a_flowbridge_error() -> None:
+    assert issubclass(w.MalformedPacket, FlowbridgeError)
+
+
+def test_max_packet_size_bounds_the_buffer() -> None:
+    parser = w.Parser(w.V5, max_packet_size=100)
+    with pytest.raises(w.MalformedPacket, match="exceeds maximum 100"):
+        parser.feed(b"\x30\xc8\x01")  # claims 200 bytes: refused before they arrive
+
+
+def test_subscribe_options_byte() -> None:
+    sub = w.Subscribe(1, [w.SubTopic("a", 2, True, True, 2)])
+    assert w.encode(sub, w.V5)[-1] == 0b101110
+    assert w.encode(sub, w.V311)[-1] == 2  # 3.1.1 carries QoS only
+
+
+def test_encode_publish_flags() -> None:
+    data = w.encode_publish("t", b"", 2, True, dup=True, packet_id=5, props=b"\x00")
+    assert data[0] == 0x30 | 0x08 | 0x04 | 0x01
+
+
+@pytest.mark.parametrize(
+    ("flt", "topic", "ok"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("+/+", "/x", True),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("$share/g/a/+", "a/b", True),
+        ("$share/g/a/+", "b/b", False),
+        ("a/b", "a/c", False),
+    ],
+)
+def test_topic_matches(flt: str, topic: str, ok: bool) -> None:
+    assert w.topic_matches(flt, topic) is ok
+
+
+def test_timestamp_text() -> None:
+    assert format_timestamp(1_700_000_000.123) == "2023-11-14T22:13:20.123Z"
+    assert parse_timestamp("2023-11-14T22:13:20.123Z") == pytest.approx(1_700_000_000.123)
+    assert parse_timestamp("not a time") is None
