@@ -28,7 +28,7 @@ import datetime
 import json
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from typing import Any, ClassVar
 
@@ -508,13 +508,15 @@ class _Acks:
             self.upto = tag
             self.wake.set()
 
-    def frames(self) -> list[spec.Basic.Ack]:
+    def frames(self, *, final: bool = False) -> list[spec.Basic.Ack]:
+        """Ack frames for what was acked since the last call; ``final`` also acks every
+        tag above a gap (the channel is about to close)."""
         frames: list[spec.Basic.Ack] = []
         if self.upto > self.sent:
             # Acks only what is outstanding, so tags already acked one by one are fine.
             frames.append(spec.Basic.Ack(delivery_tag=self.upto, multiple=True))
             self.sent = self.upto
-        if len(self.done) >= self.pressure:
+        if self.done and (final or len(self.done) >= self.pressure):
             # A gap holding half the prefetch window would stall the consumer: ack the tags
             # above it one by one, and remember them so none is ever acked twice.
             tags = sorted(self.done)
@@ -627,7 +629,7 @@ class _Consumer:
         acks = self.acks
         if acks is None or acks.dead or acks.channel.is_closed:
             return
-        frames = acks.frames()
+        frames = acks.frames(final=wait)
         if not frames:
             return
         ch = acks.channel
@@ -908,7 +910,7 @@ class AmqpAdapter(Adapter):
 
     # source -------------------------------------------------------------------------
 
-    async def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    async def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         consumer = _Consumer(self, sub)
         self._consumers.add(consumer)
         try:
