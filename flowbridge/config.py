@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Generic, Literal, TypeVar, get_args
+from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -217,8 +217,17 @@ def format_loc(loc: Loc) -> str:
 class _Problems:
     def __init__(self) -> None:
         self._items: list[tuple[int, int, int, str]] = []
+        self._silenced: set[tuple[int, Loc]] = set()
+
+    def silence(self, doc: _Doc, loc: Loc) -> None:
+        """No further problems under ``loc``: they would only echo one already reported."""
+        self._silenced.add((doc.order, loc))
 
     def add(self, doc: _Doc, loc: Loc, message: str, *, line: int | None = None) -> None:
+        if self._silenced and any(
+            (doc.order, loc[:n]) in self._silenced for n in range(1, len(loc) + 1)
+        ):
+            return
         at = doc.line(loc) if line is None else line
         prefix = f"{format_loc(loc)}: " if loc else ""
         self._items.append((doc.order, at, len(self._items), f"{doc.file}:{at}: {prefix}{message}"))
@@ -340,9 +349,11 @@ class _Reader:
                     f"(write ${{{exc.args[0]}:-default}} to give a default)",
                     line=line,
                 )
+                self.problems.silence(self.doc, loc)
                 return None
             except ValueError as exc:
                 self.problems.add(self.doc, loc, str(exc), line=line)
+                self.problems.silence(self.doc, loc)
                 return None
             if node.style is None and text != node.value.replace("$${", "${"):
                 # An unquoted ``${PORT}`` takes the type its value would have had in place.
@@ -478,7 +489,10 @@ def _report_validation(
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
             value = err.get("input")
-            if kind.endswith("_type") or kind in {"literal_error", "string_pattern_mismatch"}:
+            if kind.endswith(("_type", "_parsing")) or kind in {
+                "literal_error",
+                "string_pattern_mismatch",
+            }:
                 msg = f"{msg}; got {_describe(value)}"
             if kind == "string_type" and value is None and loc and loc[-1] in {"filter", "topic"}:
                 msg += " (quote filters and topics that start with '#', '*' or '>')"
@@ -497,7 +511,7 @@ def _validate(model: type[M], data: Any, doc: _Doc, base: Loc, problems: _Proble
         return None
 
 
-def _mask(url: str) -> str:
+def mask_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -510,11 +524,11 @@ def check_url(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise ValueError(f"malformed URL {_mask(url)!r}: {exc}") from exc
+        raise ValueError(f"malformed URL {mask_url(url)!r}: {exc}") from exc
     scheme = parts.scheme.lower()
     if not scheme or "://" not in url:
         raise ValueError(
-            f"{_mask(url)!r} is not a URL; write SCHEME://HOST[:PORT] with SCHEME one of "
+            f"{mask_url(url)!r} is not a URL; write SCHEME://HOST[:PORT] with SCHEME one of "
             f"{', '.join(SCHEMES)}"
         )
     if scheme not in SCHEMES:
@@ -524,19 +538,26 @@ def check_url(url: str) -> str:
         )
     hosts = parts.netloc.rpartition("@")[2]
     if not hosts:
-        raise ValueError(f"{_mask(url)!r} has no host")
+        raise ValueError(f"{mask_url(url)!r} has no host")
     # Kafka bootstrap lists: kafka://h1:9092,h2:9092
     for host in hosts.split(","):
         try:
             port = urlsplit(f"//{host}").port
             name = urlsplit(f"//{host}").hostname
         except ValueError:
-            raise ValueError(f"{_mask(url)!r}: bad port in '{host}'") from None
+            raise ValueError(f"{mask_url(url)!r}: bad port in '{host}'") from None
         if not name:
-            raise ValueError(f"{_mask(url)!r}: empty host in '{host}'")
+            raise ValueError(f"{mask_url(url)!r}: empty host in '{host}'")
         if port == 0:
-            raise ValueError(f"{_mask(url)!r}: port 0 in '{host}'")
+            raise ValueError(f"{mask_url(url)!r}: port 0 in '{host}'")
     return SCHEMES[scheme]
+
+
+class _Endpoint(NamedTuple):
+    """What routes need of a broker, known once its URL is valid."""
+
+    protocol: str
+    adapter: type[Adapter]
 
 
 @dataclass
@@ -568,9 +589,10 @@ class _Loader:
         self.problems = _Problems()
         self.docs: list[_Doc] = []
         self.bridge: dict[str, tuple[Any, _Doc]] = {}
-        self.brokers: dict[str, _Item[BrokerSpec]] = {}
+        self.brokers: dict[str, _Item[BrokerSpec | None]] = {}
         self.routes: dict[str, _Item[_RouteParts]] = {}
         self.resolved: dict[str, Broker] = {}
+        self.endpoints: dict[str, _Endpoint] = {}
 
     def options(self, model: type[Options], data: Any, doc: _Doc, loc: Loc) -> Options | None:
         return _validate(model, data, doc, loc, self.problems)
@@ -631,8 +653,9 @@ class _Loader:
                 )
                 continue
             spec = _validate(BrokerSpec, raw, doc, loc, self.problems)
-            if spec is not None:
-                self.brokers[name] = _Item(name, spec, doc, loc, raw)
+            # Kept even when invalid: routes naming it are still checked, and not told that
+            # the broker does not exist.
+            self.brokers[name] = _Item(name, spec, doc, loc, raw)
 
     def collect_routes(self, doc: _Doc, routes: Any) -> None:
         if routes is None:
@@ -683,8 +706,12 @@ class _Loader:
     def resolve_brokers(self) -> None:
         for name, item in self.brokers.items():
             spec, doc, loc = item.spec, item.doc, item.loc
+            raw = item.raw if isinstance(item.raw, dict) else {}
+            url = spec.url if spec is not None else raw.get("url")
+            if not isinstance(url, str):
+                continue  # reported by the schema
             try:
-                protocol = check_url(spec.url)
+                protocol = check_url(url)
             except ValueError as exc:
                 self.problems.add(doc, (*loc, "url"), str(exc))
                 continue
@@ -693,21 +720,25 @@ class _Loader:
             except (KeyError, ImportError) as exc:
                 self.problems.add(doc, (*loc, "url"), f"no adapter for {protocol}: {exc}")
                 continue
-            options = self.options(adapter.BrokerOptions, spec.options, doc, (*loc, "options"))
-            if options is None:
+            self.endpoints[name] = _Endpoint(protocol, adapter)
+            raw_options = spec.options if spec is not None else raw.get("options", {})
+            if not isinstance(raw_options, dict):
+                continue  # reported by the schema
+            options = self.options(adapter.BrokerOptions, raw_options, doc, (*loc, "options"))
+            if options is None or spec is None:
                 continue
             r = spec.reconnect
             self.resolved[name] = Broker(
                 name=name,
-                url=spec.url,
+                url=url,
                 protocol=protocol,
                 adapter=adapter,
                 options=options,
                 backoff=Backoff(initial=r.initial, maximum=r.max, attempts=r.attempts),
             )
 
-    def broker_ref(self, name: str, doc: _Doc, loc: Loc) -> Broker | None:
-        broker = self.resolved.get(name)
+    def broker_ref(self, name: str, doc: _Doc, loc: Loc) -> _Endpoint | None:
+        broker = self.endpoints.get(name)
         if broker is None and name not in self.brokers:
             known = sorted(self.brokers)
             hint = did_you_mean(name, known) or (
@@ -797,7 +828,7 @@ class _Loader:
         self,
         src: SourceSpec,
         requested: DeliveryMode | None,
-        broker: Broker,
+        broker: _Endpoint,
         doc: _Doc,
         loc: Loc,
     ) -> tuple[Source | None, DeliveryMode]:

@@ -159,7 +159,11 @@ class Template:
         return self._fixed
 
     def render(self, topic: Topic) -> str:
-        """The target topic for ``topic`` (a topic the route's source filter matched)."""
+        """The target topic for ``topic`` (a topic the route's source filter matched).
+
+        Raises ``TopicError`` when the target cannot carry this particular topic (a level
+        holding the target's separator, a name too long): that message cannot be delivered
+        and goes to the dead-letter target."""
         if self._fixed is not None:
             return self._fixed
         target = self.target
