@@ -1,0 +1,753 @@
+"""Kafka adapter on aiokafka.
+
+Source: one consumer group per route, offsets committed by the adapter only for records the
+route acknowledged (per partition, up to the highest contiguous ack), so whatever was not
+acked before a close, crash or rebalance is read again.  Target: one producer (acks=all,
+idempotent when the broker allows it), sends pipelined per batch, topics created on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+)
+from aiokafka.helpers import create_ssl_context
+from aiokafka.protocol.metadata import MetadataRequest
+from pydantic import Field, field_validator, model_validator
+
+from flowbridge.adapters.base import (
+    Adapter,
+    ConnState,
+    Delivery,
+    Health,
+    Message,
+    Options,
+    PublishOutcome,
+    Subscription,
+)
+from flowbridge.errors import ConnectError, PublishError, TopicError
+
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+_REGEX_META = frozenset(".^$*+?{}[]|()")
+_UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
+_TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+# Connection trouble: worth retrying the same batch later.
+_TRANSIENT = (KafkaConnectionError, KafkaTimeoutError, OSError, asyncio.TimeoutError)
+
+
+class KafkaBrokerOptions(Options):
+    client_id: str = "flowbridge"
+    # "auto": idempotent producer when the broker grants a producer id, plain otherwise.
+    idempotence: Literal["auto", "true", "false"] = "auto"
+    create_topics: bool = True
+    partitions: int = Field(default=1, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    session_timeout_ms: int = Field(default=10_000, ge=1)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=1)
+    rebalance_timeout_ms: int = Field(default=30_000, ge=1)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1)
+    metadata_max_age_ms: int = Field(default=300_000, ge=100)
+    request_timeout_ms: int = Field(default=30_000, ge=100)
+    max_request_size: int = Field(default=1_048_576, ge=1024)
+    linger_ms: int = Field(default=5, ge=0)
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    commit_interval_ms: int = Field(default=100, ge=1)
+
+    @field_validator("idempotence", mode="before")
+    @classmethod
+    def _bool_to_text(cls, value: object) -> object:
+        # YAML reads `true`/`false` as booleans.
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> KafkaBrokerOptions:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be below session_timeout_ms")
+        return self
+
+
+class KafkaSourceOptions(Options):
+    # Where a group without committed offsets starts.
+    start: Literal["earliest", "latest"] = "earliest"
+
+
+class KafkaTargetOptions(Options):
+    # A fixed partition for every record; None: the producer's partitioner (murmur2 of the key,
+    # as the Java client does, so keyed records land where other producers put them).
+    partition: int | None = Field(default=None, ge=0)
+
+
+def _bootstrap(url: str) -> tuple[list[str], bool]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("kafka", "kafka+ssl"):
+        raise ValueError(f"not a kafka URL: {url!r}")
+    servers = []
+    for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.strip().rpartition(":") if ":" in item else (item.strip(), "", "")
+        servers.append(f"{host or '127.0.0.1'}:{port or 9092}")
+    return servers, parts.scheme == "kafka+ssl"
+
+
+def literal_topic(pattern: str) -> str | None:
+    """The topic name an anchored filter matches when it is a plain escaped literal."""
+    if not (pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")):
+        return None
+    inner = pattern[1:-1]
+    out: list[str] = []
+    i = 0
+    while i < len(inner):
+        ch = inner[i]
+        if ch == "\\":
+            if i + 1 >= len(inner) or inner[i + 1].isalnum():
+                return None  # \d, \w, ...: a class, not a literal
+            out.append(inner[i + 1])
+            i += 2
+            continue
+        if ch in _REGEX_META:
+            return None
+        out.append(ch)
+        i += 1
+    name = "".join(out)
+    return name if _TOPIC_NAME.fullmatch(name) else None
+
+
+def plan_subscription(filters: Sequence[str]) -> tuple[list[str], str | None]:
+    """Topics to subscribe by name, or one combined pattern when any filter is a regex."""
+    if not filters:
+        raise TopicError("kafka", "", "a subscription needs at least one filter")
+    literals = [literal_topic(f) for f in filters]
+    if all(name is not None for name in literals):
+        return [n for n in literals if n is not None], None
+    parts = []
+    for f in filters:
+        try:
+            re.compile(f)
+        except re.error as exc:
+            raise TopicError("kafka", f, f"invalid regular expression: {exc}") from exc
+        parts.append(f"(?:{f})" if f.startswith("^") and f.endswith("$") else f"(?:^(?:{f})$)")
+    return [], "|".join(parts)
+
+
+def _record_headers(m: Message) -> list[tuple[str, bytes]] | None:
+    out: list[tuple[str, bytes]] = []
+    if m.content_type is not None:
+        out.append(("content-type", m.content_type.encode()))
+    if m.correlation_id is not None:
+        out.append(("correlation-id", m.correlation_id))
+    if m.reply_to is not None:
+        out.append(("reply-to", m.reply_to.encode()))
+    if m.message_id is not None:
+        out.append(("message-id", m.message_id.encode()))
+    if m.headers:
+        # surrogateescape: header bytes that were not UTF-8 on receipt go back unchanged.
+        out.extend((k, v.encode("utf-8", "surrogateescape")) for k, v in m.headers)
+    return out or None
+
+
+def _text(value: bytes | None) -> str:
+    return "" if value is None else value.decode("utf-8", "surrogateescape")
+
+
+def record_message(rec: ConsumerRecord[bytes, bytes]) -> Message:
+    """A consumed record as a Message, named fields lifted out of the headers."""
+    ts = rec.timestamp
+    msg = Message(
+        rec.topic,
+        rec.value if rec.value is not None else b"",
+        key=rec.key,
+        timestamp=ts / 1000 if ts is not None and ts >= 0 else None,
+    )
+    if rec.headers:
+        rest: list[tuple[str, str]] = []
+        for name, value in rec.headers:
+            if name == "content-type" and msg.content_type is None:
+                msg.content_type = _text(value)
+            elif name == "correlation-id" and msg.correlation_id is None:
+                msg.correlation_id = value or b""
+            elif name == "reply-to" and msg.reply_to is None:
+                msg.reply_to = _text(value)
+            elif name == "message-id" and msg.message_id is None:
+                msg.message_id = _text(value)
+            else:
+                rest.append((name, _text(value)))
+        if rest:
+            msg.headers = rest
+    return msg
+
+
+class _Partition:
+    """Acks of one assigned partition; a new object per assignment, so acks of records
+    delivered before a revoke land on a revoked object and are ignored."""
+
+    __slots__ = ("acked", "commit_at", "committed", "pending", "revoked", "tp")
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.pending: collections.deque[int] = collections.deque()  # delivered, in order
+        self.acked: set[int] = set()  # acked but behind an unacked one
+        self.commit_at: int | None = None
+        self.committed: int | None = None
+        self.revoked = False
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: _Source) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.source.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.source.on_assigned(assigned)
+
+
+class _Source:
+    """One route's consumer group member; the Settler of its deliveries."""
+
+    def __init__(self, adapter: KafkaAdapter, sub: Subscription) -> None:
+        self.adapter = adapter
+        self.sub = sub
+        opts = sub.options if isinstance(sub.options, KafkaSourceOptions) else None
+        self.start = opts.start if opts is not None else "earliest"
+        self.topics, self.pattern = plan_subscription(sub.filters)
+        self.group = sub.group or f"flowbridge-{sub.route}"
+        self.limit = max(1, sub.max_in_flight)
+        self.consumer: AIOKafkaConsumer | None = None
+        self.parts: dict[TopicPartition, _Partition] = {}
+        self.dirty: set[_Partition] = set()
+        self.in_flight = 0  # delivered and not yet committable
+        self.room = asyncio.Event()
+        self.paused = False
+        self.assigned = False
+        self.closed = False
+        self.commit_lock = asyncio.Lock()
+        self.commit_task: asyncio.Task[None] | None = None
+
+    # Settler: called by Delivery.ack, never blocks.
+    def ack(self, token: Any) -> None:
+        part, offset = token
+        if part.revoked:
+            return
+        pending = part.pending
+        if not pending or offset < pending[0]:
+            return  # already acked
+        if offset != pending[0]:
+            part.acked.add(offset)
+            return
+        pending.popleft()
+        done = 1
+        last = offset
+        acked = part.acked
+        while pending and pending[0] in acked:
+            last = pending.popleft()
+            acked.discard(last)
+            done += 1
+        part.commit_at = last + 1
+        self.dirty.add(part)
+        self.in_flight -= done
+        self.room.set()
+
+    async def open(self) -> AIOKafkaConsumer | None:
+        a = self.adapter
+        o = a.opts
+        delays = a.backoff.delays()
+        while not self.closed:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=a.servers,
+                client_id=o.client_id,
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset=self.start,
+                session_timeout_ms=o.session_timeout_ms,
+                heartbeat_interval_ms=o.heartbeat_interval_ms,
+                rebalance_timeout_ms=o.rebalance_timeout_ms,
+                max_poll_interval_ms=o.max_poll_interval_ms,
+                metadata_max_age_ms=o.metadata_max_age_ms,
+                security_protocol="SSL" if a.ssl else "PLAINTEXT",
+                ssl_context=create_ssl_context() if a.ssl else None,
+            )
+            try:
+                await consumer.start()
+            except (KafkaError, OSError) as exc:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                delay = await anext(delays, a.backoff.maximum)
+                a.log.warning(
+                    "kafka source %s: cannot start (%s); retry in %.1fs", self.sub.route, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            listener = _Listener(self)
+            if self.pattern is not None:
+                consumer.subscribe(pattern=self.pattern, listener=listener)
+            else:
+                consumer.subscribe(topics=self.topics, listener=listener)
+            self.consumer = consumer
+            self.commit_task = asyncio.create_task(
+                self._commit_loop(), name=f"kafka-commit-{self.sub.route}"
+            )
+            return consumer
+        return None
+
+    async def deliveries(self) -> AsyncIterator[list[Delivery]]:
+        consumer = await self.open()
+        if consumer is None:
+            return
+        limit = self.limit
+        while not self.closed:
+            room = limit - self.in_flight
+            try:
+                if room <= 0:
+                    batch = await self._wait_for_room(consumer)
+                else:
+                    if self.paused:
+                        self.paused = False
+                        consumer.resume(*consumer.assignment())
+                    batch = await consumer.getmany(timeout_ms=200, max_records=room)
+            except (ConsumerStoppedError, KafkaError):
+                if self.closed:
+                    return
+                raise
+            if not batch:
+                continue
+            out: list[Delivery] = []
+            for tp, records in batch.items():
+                part = self.parts.get(tp)
+                if part is None:
+                    continue  # revoked since the fetch; the new owner reads it again
+                pending = part.pending
+                for rec in records:
+                    pending.append(rec.offset)
+                    out.append(Delivery(record_message(rec), self, (part, rec.offset)))
+                self.in_flight += len(records)
+            if out:
+                yield out
+
+    async def _wait_for_room(
+        self, consumer: AIOKafkaConsumer
+    ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+        # Stop fetching, but keep polling so the group does not think this member hung.
+        self.paused = True
+        consumer.pause(*consumer.assignment())
+        self.room.clear()
+        if self.limit - self.in_flight <= 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.wait(), 0.5)
+        if self.limit - self.in_flight > 0:
+            return {}
+        # Paused partitions return nothing; anything that still comes is delivered, not lost.
+        batch: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+        batch = await consumer.getmany(timeout_ms=0)
+        return batch
+
+    def on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        for tp in assigned:
+            if tp not in self.parts:
+                self.parts[tp] = _Partition(tp)
+        if self.paused and self.consumer is not None:
+            self.consumer.pause(*assigned)
+        self.assigned = True
+
+    async def on_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        await self.commit([self.parts[tp] for tp in revoked if tp in self.parts])
+        for tp in revoked:
+            part = self.parts.pop(tp, None)
+            if part is None:
+                continue
+            part.revoked = True
+            self.dirty.discard(part)
+            self.in_flight -= len(part.pending)
+        self.room.set()
+
+    async def commit(self, parts: Iterable[_Partition] | None = None) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        async with self.commit_lock:
+            chosen = list(self.dirty if parts is None else parts)
+            offsets = {
+                p.tp: p.commit_at
+                for p in chosen
+                if not p.revoked and p.commit_at is not None and p.commit_at != p.committed
+            }
+            self.dirty.difference_update(chosen)
+            if not offsets:
+                return
+            try:
+                await consumer.commit(offsets)
+            except (KafkaError, OSError) as exc:
+                # Kept dirty: the next round retries; a revoke drops it (re-read, not lost).
+                self.adapter.log.warning("kafka source %s: commit failed: %s", self.sub.route, exc)
+                self.dirty.update(p for p in chosen if not p.revoked)
+                return
+            for p in chosen:
+                if p.tp in offsets:
+                    p.committed = offsets[p.tp]
+
+    async def _commit_loop(self) -> None:
+        interval = self.adapter.opts.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self.dirty:
+                try:
+                    await self.commit()
+                except Exception:  # a failed round must not end committing
+                    self.adapter.log.exception("kafka source %s: commit round", self.sub.route)
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.room.set()
+        if self.commit_task is not None:
+            self.commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.commit_task
+        if self.consumer is not None:
+            await self.commit()
+            await self.consumer.stop()
+        self.adapter.sources.discard(self)
+
+
+class KafkaAdapter(Adapter):
+    protocol: ClassVar[str] = "kafka"
+    BrokerOptions: ClassVar[type[Options]] = KafkaBrokerOptions
+    SourceOptions: ClassVar[type[Options]] = KafkaSourceOptions
+    TargetOptions: ClassVar[type[Options]] = KafkaTargetOptions
+
+    def __init__(self, name: str, url: str, options: Options, backoff: Any) -> None:
+        super().__init__(name, url, options, backoff)
+        self.opts = options if isinstance(options, KafkaBrokerOptions) else KafkaBrokerOptions()
+        self.servers, self.ssl = _bootstrap(url)
+        self.sources: set[_Source] = set()
+        self.producer: AIOKafkaProducer | None = None
+        self.idempotent = self.opts.idempotence != "false"
+        self._admin: AIOKafkaAdminClient | None = None
+        self._known: set[str] = set()
+        self._state = ConnState.DISCONNECTED
+        self._detail = "not connected"
+        self._reconnects = 0
+        self._monitor: asyncio.Task[None] | None = None
+        self._closed = False
+        self._default_target = KafkaTargetOptions()
+        self.unconfirmed_failures = 0  # unconfirmed sends that later failed (logged)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def _producer_for(self, idempotent: bool) -> AIOKafkaProducer:
+        o = self.opts
+        return AIOKafkaProducer(
+            bootstrap_servers=self.servers,
+            client_id=o.client_id,
+            acks="all",
+            enable_idempotence=idempotent,
+            max_request_size=o.max_request_size,
+            linger_ms=o.linger_ms,
+            compression_type=None if o.compression == "none" else o.compression,
+            request_timeout_ms=o.request_timeout_ms,
+            metadata_max_age_ms=o.metadata_max_age_ms,
+            security_protocol="SSL" if self.ssl else "PLAINTEXT",
+            ssl_context=create_ssl_context() if self.ssl else None,
+        )
+
+    async def _start_producer(self) -> AIOKafkaProducer:
+        producer = self._producer_for(self.idempotent)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            if isinstance(exc, _TRANSIENT) or not self.idempotent:
+                raise
+            if self.opts.idempotence == "true":
+                raise ConnectError(
+                    f"broker {self.name} ({self.url}): idempotent producer refused: {exc!r}"
+                ) from exc
+            # The broker refused InitProducerId (Tansu does): acks=all without idempotence.
+            self.log.warning(
+                "broker %s refused the idempotent producer (%r); using acks=all without it",
+                self.name,
+                exc,
+            )
+            self.idempotent = False
+            producer = self._producer_for(False)
+            try:
+                await producer.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+        return producer
+
+    async def connect(self) -> None:
+        if self.producer is not None:
+            return
+        self._state = ConnState.CONNECTING
+        delays = self.backoff.delays()
+        failures = 0
+        while True:
+            try:
+                self.producer = await self._start_producer()
+                break
+            except (KafkaError, OSError) as exc:
+                failures += 1
+                self._state = ConnState.DISCONNECTED
+                self._detail = str(exc)
+                attempts = self.backoff.attempts
+                delay = await anext(delays, None)
+                if delay is None or (attempts is not None and failures >= attempts):
+                    raise ConnectError(f"broker {self.name} ({self.url}): {exc!r}") from exc
+                self.log.warning(
+                    "broker %s: connect failed (%r); retry in %.1fs", self.name, exc, delay
+                )
+                await asyncio.sleep(delay)
+        self._state = ConnState.CONNECTED
+        self._detail = ""
+        self._monitor = asyncio.create_task(self._watch(), name=f"kafka-health-{self.name}")
+
+    async def _broker_up(self, producer: AIOKafkaProducer) -> bool:
+        client = producer.client
+        nodes = [b.nodeId for b in client.cluster.brokers()]
+        for node in nodes:
+            if await client.ready(node):
+                return True
+        if not nodes:
+            return bool(await client.force_metadata_update())
+        return False
+
+    async def _watch(self) -> None:
+        """aiokafka reconnects on demand; this keeps one connection tried (with backoff) so
+        health() tells the truth while idle too."""
+        delays = self.backoff.delays()
+        while self.producer is not None and not self._closed:
+            try:
+                up = await self._broker_up(self.producer)
+            except Exception as exc:
+                up = False
+                self._detail = repr(exc)
+            if up:
+                if self._state is ConnState.DISCONNECTED:
+                    # Topics may have gone meanwhile (deleted, or a broker without storage):
+                    # check again before the next send instead of trusting the cache.
+                    self._known.clear()
+                    with contextlib.suppress(KafkaError, OSError):
+                        await self.producer.client.force_metadata_update()
+                    self._reconnects += 1
+                    self.log.info("broker %s: connected again", self.name)
+                self._state = ConnState.CONNECTED
+                self._detail = ""
+                delays = self.backoff.delays()
+                await asyncio.sleep(0.5)
+                continue
+            if self._state is ConnState.CONNECTED:
+                self.log.warning("broker %s: no connection to any broker", self.name)
+                self._detail = self._detail or "no connection to any broker"
+            self._state = ConnState.DISCONNECTED
+            await asyncio.sleep(await anext(delays, self.backoff.maximum))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.gather(*(s.close() for s in list(self.sources)), return_exceptions=True)
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        if self.producer is not None:
+            # stop() flushes what is queued; bounded so a dead broker cannot hang close.
+            try:
+                await asyncio.wait_for(self.producer.stop(), self.opts.request_timeout_ms / 1000)
+            except TimeoutError:
+                self.log.warning("broker %s: close timed out with sends pending", self.name)
+        if self._admin is not None:
+            await self._admin.close()
+        self._state = ConnState.CLOSED
+        self._detail = "closed"
+
+    def health(self) -> Health:
+        return Health(
+            self._state,
+            self._detail,
+            self._reconnects,
+            subscribed=all(s.assigned for s in self.sources),
+        )
+
+    def max_payload(self) -> int | None:
+        return self.opts.max_request_size
+
+    # -- source -------------------------------------------------------------------------
+
+    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        return self._deliveries(sub)
+
+    async def _deliveries(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        if self._closed:
+            return
+        source = _Source(self, sub)
+        self.sources.add(source)
+        try:
+            async for batch in source.deliveries():
+                yield batch
+        finally:
+            await source.close()
+
+    # -- target -------------------------------------------------------------------------
+
+    async def _missing_topics(self, producer: AIOKafkaProducer, topics: list[str]) -> set[str]:
+        # allow_auto_topic_creation=False: asking must not create (brokers default to create).
+        client = producer.client
+        node = client.get_random_node()
+        response = await client.send(node, MetadataRequest(topics, False))
+        missing = set()
+        for entry in response.to_object()["topics"]:
+            if entry["error_code"] == _UNKNOWN_TOPIC:
+                missing.add(entry["topic"])
+            elif entry["error_code"] == 0:
+                self._known.add(entry["topic"])
+        return missing
+
+    async def _create(self, topics: set[str]) -> dict[str, str]:
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.servers,
+                client_id=self.opts.client_id,
+                request_timeout_ms=self.opts.request_timeout_ms,
+                security_protocol="SSL" if self.ssl else "PLAINTEXT",
+                ssl_context=create_ssl_context() if self.ssl else None,
+            )
+            await self._admin.start()
+        new = [NewTopic(t, self.opts.partitions, self.opts.replication_factor) for t in topics]
+        response = await self._admin.create_topics(new)
+        failed = {}
+        for entry in response.topic_errors:
+            topic, code = entry[0], entry[1]
+            if code in (0, _TOPIC_EXISTS):
+                self._known.add(topic)
+                self.log.info("broker %s: created topic %s", self.name, topic)
+            else:
+                failed[topic] = f"cannot create topic {topic!r}: error {code} {entry[-1] or ''}"
+        return failed
+
+    async def _ensure_topics(self, producer: AIOKafkaProducer, topics: set[str]) -> dict[str, str]:
+        """Topics of the batch that cannot be used, with the reason."""
+        bad = {t: "invalid Kafka topic name" for t in topics if not _TOPIC_NAME.fullmatch(t)}
+        ask = sorted(topics - bad.keys())
+        if not ask:
+            return bad
+        missing = await self._missing_topics(producer, ask)
+        if not missing:
+            return bad
+        if not self.opts.create_topics:
+            bad.update((t, "unknown topic (create_topics is off)") for t in missing)
+            return bad
+        bad.update(await self._create(missing))
+        # The producer may hold stale partitions of a topic that was just (re)created.
+        await producer.client.force_metadata_update()
+        return bad
+
+    async def publish(
+        self, messages: Sequence[Message], *, confirm: bool, options: Options | None = None
+    ) -> PublishOutcome:
+        producer = self.producer
+        if producer is None or self._closed:
+            raise PublishError(f"broker {self.name}: not connected", retriable=True)
+        if self._state is ConnState.DISCONNECTED:
+            raise PublishError(f"broker {self.name} unreachable: {self._detail}", retriable=True)
+        opts = options if isinstance(options, KafkaTargetOptions) else self._default_target
+        known = self._known
+        unknown = {m.topic for m in messages if m.topic not in known}
+        refused: dict[str, str] = {}
+        if unknown:
+            try:
+                refused = await self._ensure_topics(producer, unknown)
+            except _TRANSIENT as exc:
+                raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
+            except KafkaError as exc:
+                raise PublishError(
+                    f"broker {self.name}: topic lookup: {exc!r}", retriable=exc.retriable
+                ) from exc
+        results: list[PublishError | None] | None = None
+        sent: list[tuple[int, asyncio.Future[Any]]] = []
+        partition = opts.partition
+        for i, m in enumerate(messages):
+            error: PublishError | None = None
+            if refused and m.topic in refused:
+                error = PublishError(f"kafka {m.topic!r}: {refused[m.topic]}", retriable=False)
+            else:
+                ts = m.timestamp
+                try:
+                    # Returns once queued (suspends only when the buffer is full).
+                    fut = await producer.send(
+                        m.topic,
+                        m.payload,
+                        key=m.key,
+                        partition=partition,
+                        timestamp_ms=None if ts is None else round(ts * 1000),
+                        headers=_record_headers(m),
+                    )
+                except MessageSizeTooLargeError as exc:
+                    error = PublishError(
+                        f"kafka {m.topic!r}: record over max_request_size "
+                        f"{self.opts.max_request_size}: {exc}",
+                        retriable=False,
+                    )
+                except (KafkaError, *_TRANSIENT) as exc:
+                    if not sent and results is None:
+                        raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
+                    error = PublishError(f"kafka {m.topic!r}: {exc!r}", retriable=True)
+                else:
+                    sent.append((i, fut))
+            if error is not None:
+                if results is None:
+                    results = [None] * len(messages)
+                results[i] = error
+        if not confirm:
+            for _, fut in sent:
+                fut.add_done_callback(self._report_late)
+            return results
+        if sent:
+            await asyncio.wait([f for _, f in sent])
+        failed = 0
+        for i, fut in sent:
+            err = fut.exception()
+            if err is None:
+                continue
+            failed += 1
+            if results is None:
+                results = [None] * len(messages)
+            retriable = isinstance(err, _TRANSIENT) or bool(getattr(err, "retriable", False))
+            results[i] = PublishError(f"kafka {messages[i].topic!r}: {err!r}", retriable=retriable)
+        if (
+            results is not None
+            and failed == len(messages)
+            and all(r is not None and r.retriable for r in results)
+        ):
+            raise PublishError(
+                f"broker {self.name}: nothing confirmed: {results[0]}", retriable=True
+            )
+        return results
+
+    def _report_late(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is None:
+            return
+        self.unconfirmed_failures += 1
+        self.log.error("broker %s: unconfirmed send failed: %r", self.name, fut.exception())

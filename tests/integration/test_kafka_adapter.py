@@ -1,0 +1,414 @@
+"""Kafka adapter against a Kafka-compatible broker (Tansu), plain aiokafka on the other side."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from flowbridge.adapters.base import Backoff, ConnState, Delivery, Message, Subscription
+from flowbridge.adapters.kafka import (
+    KafkaAdapter,
+    KafkaBrokerOptions,
+    KafkaSourceOptions,
+    KafkaTargetOptions,
+    literal_topic,
+    plan_subscription,
+)
+from flowbridge.errors import ConnectError, PublishError, TopicError
+from tests.support.brokers import Tansu, free_port
+
+pytestmark = pytest.mark.kafka
+
+FAST = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 100, "metadata_max_age_ms": 500}
+
+
+def bootstrap(url: str) -> str:
+    return url.removeprefix("kafka://")
+
+
+def adapter(url: str, **options: Any) -> KafkaAdapter:
+    opts = KafkaBrokerOptions(**{**FAST, "request_timeout_ms": 5000, **options})
+    return KafkaAdapter("k", url, opts, Backoff(initial=0.05, maximum=0.5, attempts=3))
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str, **options: Any) -> AsyncIterator[KafkaAdapter]:
+    a = adapter(url, **options)
+    await a.connect()
+    try:
+        yield a
+    finally:
+        await a.close()
+
+
+async def read(url: str, topic: str, n: int, within: float = 10.0) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap(url), auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        async with asyncio.timeout(within):
+            while len(out) < n:
+                for records in (await consumer.getmany(timeout_ms=200)).values():
+                    out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def produce(url: str, records: list[tuple[str, bytes, list[tuple[str, bytes]]]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap(url), acks="all")
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(t, v, key=b"k", headers=h, timestamp_ms=1_700_000_000_000 + i)
+            for i, (t, v, h) in enumerate(records)
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+class Pump:
+    """Pulls batches from a source in the background, so a test can look at what arrived
+    without cancelling the iterator."""
+
+    def __init__(self, it: AsyncIterator[list[Delivery]]) -> None:
+        self.it = it
+        self.got: list[Delivery] = []
+        self.changed = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async for batch in self.it:
+            self.got.extend(batch)
+            self.changed.set()
+
+    async def wait_for(self, n: int, within: float = 15.0) -> list[Delivery]:
+        async with asyncio.timeout(within):
+            while len(self.got) < n:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.got
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def until(condition: Callable[[], bool], within: float = 10.0) -> None:
+    for _ in range(int(within / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not true within {within}s")
+
+
+def sub(route: str, *filters: str, **kw: Any) -> Subscription:
+    return Subscription(route=route, filters=filters, durable=True, **kw)
+
+
+def literal(topic: str) -> str:
+    return f"^{re.escape(topic)}$"
+
+
+# -- filters (no broker) ----------------------------------------------------------------
+
+
+def test_literal_filters_subscribe_by_name() -> None:
+    assert literal_topic(r"^orders\.eu\-west_1$") == "orders.eu-west_1"
+    assert literal_topic(r"^orders\..*$") is None
+    assert literal_topic(r"^a\d$") is None
+    assert literal_topic("orders") is None  # not anchored
+    assert plan_subscription([literal("a.b"), literal("c")]) == (["a.b", "c"], None)
+    topics, pattern = plan_subscription([literal("a.b"), r"^c\..+$"])
+    assert topics == []
+    assert pattern is not None
+    rx = re.compile(pattern)
+    assert [t for t in ("a.b", "c.x", "axb", "c.", "a.bc") if rx.match(t)] == ["a.b", "c.x"]
+    with pytest.raises(TopicError):
+        plan_subscription(["^a(b$"])
+
+
+# -- target ----------------------------------------------------------------------------
+
+
+async def test_publish_carries_value_key_headers_fields_timestamp(
+    kafka_url: str, unique: str
+) -> None:
+    topic = f"fb.pub.{unique}"
+    msg = Message(
+        topic,
+        b"\x00payload\xff",
+        headers=[("x", "1"), ("y", "\u00e9"), ("x", "2")],
+        content_type="application/json",
+        correlation_id=b"\xfe\x00corr",
+        reply_to="replies.here",
+        message_id="m-1",
+        timestamp=1_700_000_000.123,
+        key=b"key-1",
+    )
+    async with connected(kafka_url) as a:
+        assert await a.publish([msg], confirm=True) is None
+    [rec] = await read(kafka_url, topic, 1)
+    assert rec.value == b"\x00payload\xff"
+    assert rec.key == b"key-1"
+    assert rec.timestamp == 1_700_000_000_123
+    assert list(rec.headers) == [
+        ("content-type", b"application/json"),
+        ("correlation-id", b"\xfe\x00corr"),
+        ("reply-to", b"replies.here"),
+        ("message-id", b"m-1"),
+        ("x", b"1"),
+        ("y", "\u00e9".encode()),
+        ("x", b"2"),
+    ]
+
+
+async def test_publish_batch_in_order_and_topic_created_with_partitions(
+    kafka_url: str, unique: str
+) -> None:
+    topic = f"fb.create.{unique}"
+    async with connected(kafka_url, partitions=3) as a:
+        msgs = [Message(topic, str(i).encode(), key=b"same") for i in range(200)]
+        assert await a.publish(msgs, confirm=True) is None
+        assert a.health().ok
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap(kafka_url))
+    await admin.start()
+    try:
+        [desc] = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    assert len(desc["partitions"]) == 3
+    records = await read(kafka_url, topic, 200)
+    # One key, one partition: order is kept.
+    assert [r.value for r in records] == [str(i).encode() for i in range(200)]
+
+
+async def test_unknown_topic_without_creation_refused_per_message(
+    kafka_url: str, unique: str
+) -> None:
+    good = f"fb.exists.{unique}"
+    missing = f"fb.missing.{unique}"
+    async with connected(kafka_url, create_topics=False) as a, connected(kafka_url) as creator:
+        await creator.publish([Message(good, b"seed")], confirm=True)
+        out = await a.publish(
+            [Message(good, b"a"), Message(missing, b"b"), Message(good, b"c")], confirm=True
+        )
+        assert out is not None
+        assert out[0] is None
+        assert out[2] is None
+        assert isinstance(out[1], PublishError)
+        assert not out[1].retriable
+        assert "unknown topic" in out[1].reason
+        # Asking must not have created it.
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap(kafka_url))
+        await admin.start()
+        try:
+            assert missing not in await admin.list_topics()
+        finally:
+            await admin.close()
+    assert [r.value for r in await read(kafka_url, good, 3)] == [b"seed", b"a", b"c"]
+
+
+async def test_oversized_message_refused_alone(kafka_url: str, unique: str) -> None:
+    topic = f"fb.big.{unique}"
+    async with connected(kafka_url, max_request_size=4096) as a:
+        assert a.max_payload() == 4096
+        out = await a.publish(
+            [Message(topic, b"small-1"), Message(topic, b"x" * 8000), Message(topic, b"small-2")],
+            confirm=True,
+        )
+    assert out is not None
+    assert out[0] is None
+    assert out[2] is None
+    assert isinstance(out[1], PublishError)
+    assert not out[1].retriable
+    assert [r.value for r in await read(kafka_url, topic, 2)] == [b"small-1", b"small-2"]
+
+
+async def test_fixed_partition_option(kafka_url: str, unique: str) -> None:
+    topic = f"fb.part.{unique}"
+    async with connected(kafka_url, partitions=4) as a:
+        msgs = [Message(topic, b"%d" % i, key=b"%d" % i) for i in range(20)]
+        assert await a.publish(msgs, confirm=True, options=KafkaTargetOptions(partition=2)) is None
+    assert {r.partition for r in await read(kafka_url, topic, 20)} == {2}
+
+
+async def test_idempotence_auto_falls_back_once(
+    kafka_url: str, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"fb.idem.{unique}"
+    caplog.set_level(logging.WARNING, logger="flowbridge.broker.k")
+    async with connected(kafka_url) as a:
+        for i in range(3):
+            assert await a.publish([Message(topic, b"%d" % i)], confirm=True) is None
+        assert not a.idempotent
+    refusals = [r for r in caplog.records if "refused the idempotent producer" in r.message]
+    assert len(refusals) == 1
+    assert len(await read(kafka_url, topic, 3)) == 3
+
+
+async def test_idempotence_true_refused_is_connect_error(kafka_url: str) -> None:
+    a = adapter(kafka_url, idempotence="true")
+    with pytest.raises(ConnectError, match=r"broker k \(kafka://.*idempotent"):
+        await a.connect()
+    await a.close()
+
+
+async def test_unreachable_broker_connect_error_after_attempts() -> None:
+    url = f"kafka://127.0.0.1:{free_port()}"
+    a = adapter(url)
+    with pytest.raises(ConnectError, match=re.escape(f"broker k ({url})")):
+        await a.connect()
+    assert a.health().state is ConnState.DISCONNECTED
+    await a.close()
+
+
+# -- source ----------------------------------------------------------------------------
+
+
+async def test_source_receives_from_aiokafka_with_fields_lifted(
+    kafka_url: str, unique: str
+) -> None:
+    topic = f"fb.src.{unique}"
+    headers = [
+        ("h", b"1"),
+        ("content-type", b"text/plain"),
+        ("correlation-id", b"\x01\x02"),
+        ("h", b"2"),
+        ("reply-to", b"back"),
+        ("message-id", b"id-7"),
+        ("bin", b"\xff\xfe"),
+    ]
+    await produce(kafka_url, [(topic, b"hello", headers)])
+    async with connected(kafka_url) as a:
+        pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic))))
+        [d] = await pump.wait_for(1)
+        m = d.message
+        assert (m.topic, m.payload, m.key) == (topic, b"hello", b"k")
+        assert m.content_type == "text/plain"
+        assert m.correlation_id == b"\x01\x02"
+        assert m.reply_to == "back"
+        assert m.message_id == "id-7"
+        assert m.timestamp == pytest.approx(1_700_000_000.0)
+        assert m.headers is not None
+        assert m.headers[:2] == [("h", "1"), ("h", "2")]
+        # Non-UTF-8 header bytes survive a trip through the adapter unchanged.
+        assert m.headers[2][0] == "bin"
+        out_topic = f"fb.src.out.{unique}"
+        assert await a.publish([Message(out_topic, b"x", headers=m.headers)], confirm=True) is None
+        d.ack()
+        await pump.stop()
+    [rec] = await read(kafka_url, out_topic, 1)
+    assert list(rec.headers) == [("h", b"1"), ("h", b"2"), ("bin", b"\xff\xfe")]
+
+
+async def test_pattern_subscription_picks_up_new_topics(kafka_url: str, unique: str) -> None:
+    prefix = f"fb.pat.{unique}"
+    await produce(kafka_url, [(f"{prefix}.a", b"a", []), (f"other.{unique}", b"no", [])])
+    async with connected(kafka_url) as a:
+        pump = Pump(a.subscribe(sub(f"r{unique}", rf"^{re.escape(prefix)}\..+$")))
+        await pump.wait_for(1)
+        assert a.health().subscribed
+        # A topic created after the subscription started, found by metadata refresh.
+        await produce(kafka_url, [(f"{prefix}.b", b"b", [])])
+        got = await pump.wait_for(2)
+        await asyncio.sleep(0.5)
+        await pump.stop()
+    # A rebalance may deliver an unacked record again; what matters is which topics matched.
+    assert {d.message.topic for d in got} == {f"{prefix}.a", f"{prefix}.b"}
+
+
+async def test_commit_only_after_ack(kafka_url: str, unique: str) -> None:
+    topic = f"fb.commit.{unique}"
+    await produce(kafka_url, [(topic, b"%d" % i, []) for i in range(100)])
+    group = f"g{unique}"
+    async with connected(kafka_url) as a:
+        pump = Pump(a.subscribe(sub("r", literal(topic), group=group)))
+        got = await pump.wait_for(100)
+        assert [d.message.payload for d in got] == [b"%d" % i for i in range(100)]
+        for d in got[:50]:
+            d.ack()
+        got[60].ack()  # beyond a gap: must not move the committed offset past 50
+        got[60].ack()  # a repeated ack is harmless
+        await asyncio.sleep(0.3)
+        await pump.stop()
+    async with connected(kafka_url) as a:
+        pump = Pump(a.subscribe(sub("r", literal(topic), group=group)))
+        again = await pump.wait_for(50)
+        await pump.stop()
+    assert again[0].message.payload == b"50"
+    assert [d.message.payload for d in again[:50]] == [b"%d" % i for i in range(50, 100)]
+
+
+async def test_never_more_than_max_in_flight(kafka_url: str, unique: str) -> None:
+    topic = f"fb.inflight.{unique}"
+    await produce(kafka_url, [(topic, b"%d" % i, []) for i in range(30)])
+    async with connected(kafka_url) as a:
+        pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic), max_in_flight=10)))
+        await pump.wait_for(10)
+        await asyncio.sleep(1.0)
+        assert len(pump.got) == 10
+        for d in pump.got[:4]:
+            d.ack()
+        await pump.wait_for(14)
+        await asyncio.sleep(0.7)
+        assert len(pump.got) == 14
+        while len(pump.got) < 30:
+            for d in pump.got[4:]:
+                d.ack()
+            await pump.wait_for(len(pump.got) + 1)
+        got = pump.got
+        await pump.stop()
+    assert [d.message.payload for d in got] == [b"%d" % i for i in range(30)]
+
+
+async def test_start_latest_skips_existing(kafka_url: str, unique: str) -> None:
+    topic = f"fb.latest.{unique}"
+    await produce(kafka_url, [(topic, b"old", [])])
+    async with connected(kafka_url) as a:
+        it = a.subscribe(
+            sub(f"r{unique}", literal(topic), options=KafkaSourceOptions(start="latest"))
+        )
+        pump = Pump(it)
+        await until(lambda: bool(a.sources) and a.health().subscribed)
+        await asyncio.sleep(0.5)
+        await produce(kafka_url, [(topic, b"new", [])])
+        [d] = await pump.wait_for(1)
+        await pump.stop()
+    assert d.message.payload == b"new"
+
+
+# -- faults (a broker of the test's own) -------------------------------------------------
+
+
+async def test_target_survives_broker_restart() -> None:
+    with Tansu() as tansu:
+        topic = "fb.restart"
+        async with connected(tansu.url, request_timeout_ms=3000) as a:
+            assert await a.publish([Message(topic, b"before")], confirm=True) is None
+            assert a.health().ok
+            tansu.stop(kill=True)
+            await until(lambda: a.health().state is ConnState.DISCONNECTED)
+            assert not a.health().ok
+            with pytest.raises(PublishError) as err:
+                await a.publish([Message(topic, b"while-down")], confirm=True)
+            assert err.value.retriable
+            tansu.start()
+            assert await a.wait_connected(15)
+            assert a.health().reconnects >= 1
+            async with asyncio.timeout(15):
+                assert await a.publish([Message(topic, b"after")], confirm=True) is None
+        # Memory storage: only what was sent after the restart is there.
+        assert [r.value for r in await read(tansu.url, topic, 1)] == [b"after"]
