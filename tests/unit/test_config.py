@@ -26,6 +26,7 @@ from flowbridge.adapters.base import (
 )
 from flowbridge.errors import ConfigError
 from flowbridge.template import Template
+from flowbridge.topics import PROTOCOLS
 
 MAPPINGS = Path(__file__).resolve().parents[2] / "mappings"
 
@@ -692,3 +693,18 @@ def test_example_mappings_validate(path: Path) -> None:
     # The real adapters: an example must be accepted by what `flowbridge run` uses.
     cfg = config.load([str(path)], environ={})
     assert cfg.routes
+
+
+def test_mirror_covers_every_direction() -> None:
+    cfg = config.load([str(MAPPINGS / "all-four-mirror.yaml")], environ={})
+    pairs = {(r.source.protocol, t.protocol) for r in cfg.routes for t in r.targets}
+    assert pairs == {(a, b) for a in PROTOCOLS for b in PROTOCOLS if a != b}
+    assert cfg.bridge.id == "mirror"
+
+
+def test_example_urls_come_from_the_environment() -> None:
+    env = {"FLOWBRIDGE_MQTT_URL": "mqtts://10.9.9.9:8883", "FLOWBRIDGE_NATS_URL": "tls://n:4443"}
+    cfg = config.load([str(MAPPINGS / "mqtt-nats.yaml")], environ=env)
+    assert cfg.brokers["mqtt"].url == "mqtts://10.9.9.9:8883"
+    assert cfg.brokers["nats"].protocol == "nats"
+    assert cfg.brokers["nats"].url == "tls://n:4443"
