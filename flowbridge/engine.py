@@ -1,0 +1,596 @@
+"""The bridge engine: one task per route, one connection per broker.
+
+A route takes a batch from its source, computes each target's name once per message,
+publishes one batch per target, dead-letters what a target refuses, and only then acks the
+batch (at-least-once) -- so the source's own unacked window is the backpressure and no
+queue in between can grow.  Order is kept because a route never has two batches in flight.
+
+Loops: every message the bridge publishes where the target has headers carries
+``flowbridge-via: <bridge id>``; a route drops (and acks) anything that carries its own id.
+Where the target has no headers (MQTT 3.1.1) the engine remembers, for a short while, what it
+published to a topic that one of its own routes subscribes to, and that route drops exactly
+that many copies when they come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowbridge.adapters.base import Adapter, Delivery, Message, Options, PublishOutcome
+from flowbridge.config import Config, DeadLetter, Route, Target
+from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
+from flowbridge.template import Template
+from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic
+
+log = logging.getLogger("flowbridge.engine")
+
+VIA = "flowbridge-via"
+SOURCE_PROTOCOL = "flowbridge-source-protocol"
+SOURCE_TOPIC = "flowbridge-source-topic"
+DEAD_REASON = "flowbridge-dead-reason"
+DEAD_ROUTE = "flowbridge-dead-route"
+_OWN = frozenset((SOURCE_PROTOCOL, SOURCE_TOPIC))
+
+SHUTDOWN_GRACE = 10.0
+
+
+@dataclass
+class RouteStats:
+    received: int = 0
+    forwarded: int = 0  # messages accepted by a target (one per target)
+    bytes_in: int = 0
+    echo_suppressed: int = 0
+    filtered: int = 0  # '$' topics a leading wildcard must not match
+    dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
+    dropped: collections.Counter[str] = field(default_factory=collections.Counter)
+    retries: int = 0
+    in_flight: int = 0
+
+
+class EchoGuard:
+    """What the bridge published to header-less brokers, awaited back on its own routes.
+
+    Bounded: entries expire after ``ttl`` seconds and the oldest go when ``limit`` is hit."""
+
+    def __init__(self, ttl: float = 30.0, limit: int = 100_000) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._counts: dict[tuple[str, str, int], int] = {}
+        self._order: collections.deque[tuple[float, tuple[str, str, int]]] = collections.deque()
+        self.evicted = 0
+
+    def expect(self, route: str, topic: str, payload: bytes) -> None:
+        key = (route, topic, hash(payload))
+        self._counts[key] = self._counts.get(key, 0) + 1
+        self._order.append((time.monotonic() + self.ttl, key))
+        self._expire()
+
+    def consume(self, route: str, topic: str, payload: bytes) -> bool:
+        if not self._counts:
+            return False
+        key = (route, topic, hash(payload))
+        n = self._counts.get(key)
+        if not n:
+            return False
+        if n == 1:
+            del self._counts[key]
+        else:
+            self._counts[key] = n - 1
+        return True
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        order = self._order
+        while order and (order[0][0] < now or len(order) > self.limit):
+            deadline, key = order.popleft()
+            n = self._counts.get(key)
+            if n:
+                if deadline >= now:
+                    self.evicted += 1
+                if n == 1:
+                    del self._counts[key]
+                else:
+                    self._counts[key] = n - 1
+
+
+class _OnceLog:
+    """Log a problem the first time it happens for a route; count the rest."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def __call__(self, level: int, route: str, kind: str, msg: str, *args: Any) -> None:
+        if (route, kind) in self._seen:
+            return
+        self._seen.add((route, kind))
+        log.log(level, msg + " (further ones are counted, not logged)", *args)
+
+
+@dataclass
+class _Target:
+    spec: Target
+    adapter: Adapter
+    template: Template
+    options: Options
+    headers: bool
+    keyed: bool
+    watchers: list[tuple[str, Filter, str]]  # routes reading this broker without headers
+
+
+class RouteRunner:
+    def __init__(self, bridge: Bridge, route: Route) -> None:
+        self.bridge = bridge
+        self.route = route
+        self.name = route.name
+        self.source = bridge.adapters[route.source.broker]
+        self.protocol = route.source.protocol
+        self.confirm = route.durable
+        self.stats = RouteStats()
+        levels = route.source.filter.levels
+        # NATS and AMQP subscriptions cannot skip '$' topics themselves.
+        self.dollar_guard = levels[0] in (SINGLE, MULTI) and self.protocol in ("nats", "amqp")
+        self.guard_echo = not self.source.supports_headers
+        self.targets = [
+            _Target(
+                spec=t,
+                adapter=bridge.adapters[t.broker],
+                template=t.template,
+                options=t.options,
+                headers=bridge.adapters[t.broker].supports_headers,
+                keyed=t.protocol == "kafka",
+                watchers=bridge.watchers(t.broker),
+            )
+            for t in route.targets
+        ]
+        via = bridge.config.bridge.id
+        self.via = via
+        self.provenance: tuple[tuple[str, str], ...] = (
+            (VIA, via),
+            (SOURCE_PROTOCOL, self.protocol),
+        )
+        dl = route.dead_letter
+        self.dead_letter: DeadLetter | None = dl
+        self.dead_adapter = bridge.adapters[dl.broker] if dl else None
+
+    def describe(self) -> str:
+        parts = [
+            f"{t.spec.broker} ({t.spec.protocol}"
+            + (f", topic {t.spec.topic!r})" if t.spec.topic else ")")
+            for t in self.targets
+        ]
+        return (
+            f"route {self.name}: {self.route.source.broker} ({self.protocol}) subscribes "
+            f"{list(self.route.source.subscriptions)} -> {', '.join(parts)} [{self.route.delivery}]"
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.bridge.connected(self.route)
+        log.info("%s", self.describe())
+        batches = self.source.subscribe(self.route.subscription()).__aiter__()
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(batches.__anext__())
+                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await nxt
+                    return
+                try:
+                    batch = nxt.result()
+                except StopAsyncIteration:
+                    return
+                await self.handle(batch, stop)
+        finally:
+            stopping.cancel()
+            with contextlib.suppress(Exception):
+                await batches.aclose()  # type: ignore[attr-defined]
+
+    async def handle(self, batch: list[Delivery], stop: asyncio.Event | None = None) -> None:
+        """Forward one batch; returns once every message is delivered or dead-lettered, then
+        acks the batch."""
+        st = self.stats
+        st.received += len(batch)
+        st.in_flight = len(batch)
+        targets = self.targets
+        outs: list[list[Message]] = [[] for _ in targets]
+        index: list[list[int]] = [[] for _ in targets]
+        dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
+        via = self.via
+        for i, d in enumerate(batch):
+            m = d.message
+            st.bytes_in += len(m.payload)
+            headers = m.headers
+            if headers is not None and (VIA, via) in headers:
+                st.echo_suppressed += 1
+                continue
+            if self.guard_echo and self.bridge.echo.consume(self.name, m.topic, m.payload):
+                st.echo_suppressed += 1
+                continue
+            if self.dollar_guard and m.topic.startswith("$"):
+                st.filtered += 1
+                continue
+            for ti, t in enumerate(targets):
+                try:
+                    name = t.template.render_native(m.topic)
+                except TopicError as exc:
+                    dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
+                    continue
+                if t.headers:
+                    extra = (*self.provenance, (SOURCE_TOPIC, m.topic))
+                    if headers:
+                        kept = [h for h in headers if h[0] not in _OWN]
+                        out_headers = [*kept, *extra]
+                    else:
+                        out_headers = list(extra)
+                    # Kafka keys come from the real topic, never from the route's filter.
+                    key = m.key if m.key is not None or not t.keyed else m.topic.encode()
+                    out = Message(
+                        name,
+                        m.payload,
+                        out_headers,
+                        m.content_type,
+                        m.correlation_id,
+                        m.reply_to,
+                        m.message_id,
+                        m.timestamp,
+                        key,
+                        m.retain,
+                    )
+                else:
+                    out = Message(name, m.payload, None, retain=m.retain)
+                outs[ti].append(out)
+                index[ti].append(i)
+        await asyncio.gather(
+            *(
+                self._publish(t, outs[ti], index[ti], dead, stop)
+                for ti, t in enumerate(targets)
+                if outs[ti]
+            )
+        )
+        if dead:
+            await self._dead_letter(batch, dead, stop)
+        for d in batch:
+            d.ack()
+        st.in_flight = 0
+
+    async def _publish(
+        self,
+        t: _Target,
+        msgs: list[Message],
+        index: list[int],
+        dead: list[tuple[int, str, str]],
+        stop: asyncio.Event | None,
+    ) -> None:
+        if t.watchers:
+            self._expect_echoes(t, msgs)
+        outcome = await self._send(t.adapter, msgs, t.options, t.spec.broker, stop)
+        if outcome is _GAVE_UP:
+            return
+        if outcome is None:
+            self.stats.forwarded += len(msgs)
+            return
+        assert isinstance(outcome, list)
+        for k, err in enumerate(outcome):
+            if err is None:
+                self.stats.forwarded += 1
+            else:
+                dead.append((index[k], t.spec.broker, err.reason))
+
+    def _expect_echoes(self, t: _Target, msgs: list[Message]) -> None:
+        echo = self.bridge.echo
+        for m in msgs:
+            for route, flt, protocol in t.watchers:
+                try:
+                    if flt.matches(parse_topic(m.topic, protocol)):
+                        echo.expect(route, m.topic, m.payload)
+                except TopicError:
+                    continue
+
+    async def _send(
+        self,
+        adapter: Adapter,
+        msgs: list[Message],
+        options: Options | None,
+        broker: str,
+        stop: asyncio.Event | None,
+    ) -> PublishOutcome | object:
+        """Publish, holding the route while the target is unreachable (at-least-once), or
+        counting the batch as dropped (at-most-once)."""
+        delay = 0.1
+        while True:
+            try:
+                outcome = await adapter.publish(msgs, confirm=self.confirm, options=options)
+            except (PublishError, ConnectionError, OSError, TimeoutError) as exc:
+                reason = exc.reason if isinstance(exc, PublishError) else repr(exc)
+                if not self.confirm:
+                    self.stats.dropped[f"{broker} unavailable"] += len(msgs)
+                    self.bridge.once(
+                        logging.WARNING,
+                        self.name,
+                        f"drop:{broker}",
+                        "route %s: %d message(s) dropped, %s unavailable: %s",
+                        self.name,
+                        len(msgs),
+                        broker,
+                        reason,
+                    )
+                    return _GAVE_UP
+                if stop is not None and stop.is_set() and self.bridge.abandon.is_set():
+                    return _GAVE_UP  # shutdown grace over: leave them unacked for redelivery
+                self.stats.retries += 1
+                self.bridge.once(
+                    logging.WARNING,
+                    self.name,
+                    f"hold:{broker}",
+                    "route %s: %s unavailable (%s); holding %d message(s) until it returns",
+                    self.name,
+                    broker,
+                    reason,
+                    len(msgs),
+                )
+                await adapter.wait_connected(timeout=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            return outcome
+
+    async def _dead_letter(
+        self, batch: list[Delivery], dead: list[tuple[int, str, str]], stop: asyncio.Event | None
+    ) -> None:
+        for i, target, reason in dead:
+            kind = reason.split(":", 1)[0]
+            self.stats.dead_lettered[kind] += 1
+            self.bridge.once(
+                logging.ERROR,
+                self.name,
+                f"dead:{target}:{kind}",
+                "route %s: message on %r not delivered to %s: %s%s",
+                self.name,
+                batch[i].message.topic,
+                target,
+                reason,
+                "" if self.dead_letter else " (no dead_letter configured: discarded)",
+            )
+        if self.dead_letter is None or self.dead_adapter is None:
+            return
+        msgs = []
+        for i, target, reason in dead:
+            m = batch[i].message
+            headers = list(m.headers or ())
+            headers += [
+                (DEAD_REASON, f"{target}: {reason}"),
+                (DEAD_ROUTE, self.name),
+                (SOURCE_PROTOCOL, self.protocol),
+                (SOURCE_TOPIC, m.topic),
+                (VIA, self.via),
+            ]
+            msgs.append(
+                Message(
+                    self.dead_letter.topic,
+                    m.payload,
+                    headers,
+                    m.content_type,
+                    m.correlation_id,
+                    None,
+                    m.message_id,
+                    m.timestamp,
+                )
+            )
+        outcome = await self._send(self.dead_adapter, msgs, None, self.dead_letter.broker, stop)
+        if isinstance(outcome, list) and any(outcome):
+            n = sum(1 for e in outcome if e)
+            self.stats.dropped["dead letter refused"] += n
+            log.error("route %s: dead-letter target refused %d message(s)", self.name, n)
+
+
+_GAVE_UP = object()
+
+
+class Bridge:
+    """Every broker connection and route of one configuration."""
+
+    def __init__(self, config: Config, adapters: Mapping[str, Adapter] | None = None) -> None:
+        self.config = config
+        self.adapters: dict[str, Adapter] = dict(adapters or {})
+        for name, broker in config.brokers.items():
+            if name not in self.adapters:
+                self.adapters[name] = broker.adapter(
+                    name, broker.url, broker.options, broker.backoff
+                )
+        self.echo = EchoGuard()
+        self.once = _OnceLog()
+        self.abandon = asyncio.Event()
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self.runners = [RouteRunner(self, r) for r in config.routes]
+
+    def watchers(self, broker: str) -> list[tuple[str, Filter, str]]:
+        """Routes that read ``broker`` where echoes cannot be recognised by header."""
+        if self.adapters[broker].supports_headers:
+            return []
+        return [
+            (r.name, r.source.filter, r.source.protocol)
+            for r in self.config.routes
+            if r.source.broker == broker
+        ]
+
+    async def connected(self, route: Route) -> None:
+        names = {route.source.broker, *(t.broker for t in route.targets)}
+        if route.dead_letter:
+            names.add(route.dead_letter.broker)
+        await asyncio.gather(*(self._connecting[n] for n in names))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, run every route until ``stop`` is set, then shut down gracefully."""
+        used = {r.source.broker for r in self.config.routes}
+        for r in self.config.routes:
+            used.update(t.broker for t in r.targets)
+            if r.dead_letter:
+                used.add(r.dead_letter.broker)
+        for name in used:
+            self._connecting[name] = asyncio.ensure_future(self._connect(name))
+        tasks = [asyncio.ensure_future(runner.run(stop)) for runner in self.runners]
+        failure: BaseException | None = None
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            pending = {*tasks, *self._connecting.values(), waiter}
+            while not stop.is_set():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not waiter and not task.cancelled() and task.exception():
+                        failure = task.exception()
+                        stop.set()
+                if not pending - {waiter}:
+                    break
+            # Intake stops at the next batch boundary; in-flight batches finish, within grace.
+            _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
+            if late:
+                self.abandon.set()
+                _, late = await asyncio.wait(late, timeout=2.0)
+                for task in late:
+                    task.cancel()
+        finally:
+            waiter.cancel()
+            for task in self._connecting.values():
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(
+                *(a.close() for a in self.adapters.values()), return_exceptions=True
+            )
+        if failure is not None:
+            raise failure
+
+    async def _connect(self, name: str) -> None:
+        adapter = self.adapters[name]
+        await adapter.connect()
+        log.info("broker %s connected (%s)", name, _redact(adapter.url))
+
+    def stats(self) -> dict[str, RouteStats]:
+        return {r.name: r.stats for r in self.runners}
+
+
+def _redact(url: str) -> str:
+    """A URL without its password or token, for logs."""
+    from urllib.parse import urlsplit, urlunsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.password is not None else "***@"
+    return urlunsplit(parts._replace(netloc=user + host))
+
+
+# ---------------------------------------------------------------------------------------------
+# flowbridge run
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        import json  # noqa: PLC0415
+
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Client libraries log every reconnect attempt with tracebacks; the adapters log one line.
+    for noisy in ("aiokafka", "nats", "aiormq", "amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def default_mapping() -> str:
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parent.parent / "mappings" / "default.yaml"
+    if not path.exists():
+        raise FlowbridgeError(f"default mapping not found at {path}; pass -c FILE")
+    return str(path)
+
+
+def run_cli(args: Any) -> int:
+    """``flowbridge run``: returns the process exit code."""
+    setup_logging(args.log_level, args.log_format)
+    try:
+        import uvloop  # noqa: PLC0415
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_run(args))
+    except ConfigError:
+        raise
+    except FlowbridgeError as exc:  # expected failures: one clear line, no traceback
+        log.error("%s", exc)  # noqa: TRY400
+        return 1
+
+
+async def _run(args: Any) -> int:
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    from flowbridge.config import load  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        files = list(args.config)
+        environ = dict(os.environ)
+        if not files:
+            from flowbridge.embedded import embedded_brokers  # noqa: PLC0415
+
+            brokers = await stack.enter_async_context(
+                embedded_brokers(nats_port=args.nats_port or 4222, mqtt_port=args.mqtt_port or 1883)
+            )
+            environ["FLOWBRIDGE_NATS_URL"] = brokers.nats_url
+            environ["FLOWBRIDGE_MQTT_URL"] = brokers.mqtt_url
+            files = [default_mapping()]
+            print(
+                f"flowbridge: embedded brokers ready -- NATS {brokers.nats_url}, "
+                f"MQTT {brokers.mqtt_url}; bridging every topic both ways (Ctrl-C to stop)",
+                flush=True,
+            )
+        config = load(files, environ=environ)
+        bridge = Bridge(config)
+        await bridge.run(stop)
+        for name, st in bridge.stats().items():
+            log.info(
+                "route %s: received %d, forwarded %d, echoes suppressed %d, dead-lettered %d, "
+                "dropped %d",
+                name,
+                st.received,
+                st.forwarded,
+                st.echo_suppressed,
+                sum(st.dead_lettered.values()),
+                sum(st.dropped.values()),
+            )
+    return 0

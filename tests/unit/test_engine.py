@@ -1,0 +1,278 @@
+"""The engine on the in-memory broker: routing, acks after confirm, dead letters, loops."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from flowbridge.adapters.base import Message
+from flowbridge.adapters.memory import (
+    MemoryAmqp,
+    MemoryBroker,
+    MemoryKafka,
+    MemoryMqtt,
+    MemoryMqtt311,
+    MemoryNats,
+)
+from flowbridge.config import load
+from flowbridge.engine import DEAD_REASON, SOURCE_TOPIC, VIA, Bridge
+
+REGISTRY = {"nats": MemoryNats, "mqtt": MemoryMqtt, "amqp": MemoryAmqp, "kafka": MemoryKafka}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_brokers() -> None:
+    MemoryBroker.reset()
+
+
+class Running:
+    def __init__(self, bridge: Bridge, stop: asyncio.Event) -> None:
+        self.bridge = bridge
+        self.stop = stop
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def _start(yaml_text: str, mqtt311: bool = False) -> Running:
+        path = tmp_path / "m.yaml"
+        path.write_text(textwrap.dedent(yaml_text))
+        registry = dict(REGISTRY)
+        if mqtt311:
+            registry["mqtt"] = MemoryMqtt311
+        bridge = Bridge(load([str(path)], environ={}, registry=registry))
+        stop = asyncio.Event()
+        running.append((stop, asyncio.ensure_future(bridge.run(stop))))
+        await asyncio.sleep(0.05)  # routes subscribe
+        return Running(bridge, stop)
+
+    yield _start
+    for stop, _ in running:
+        stop.set()
+    await asyncio.gather(*(task for _, task in running))
+
+
+def broker(host: str) -> MemoryBroker:
+    return MemoryBroker.get(f"x://{host}")
+
+
+async def settle(cond: Callable[[], bool], within: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not cond():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+TWO = """
+brokers:
+  edge: {url: "mqtt://edge"}
+  core: {url: "nats://core"}
+"""
+
+
+async def test_mqtt_to_nats_translates_and_marks_provenance(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "sensors/#"}
+    to: [{broker: core}]
+"""
+    )
+    broker("edge").deliver(Message("sensors/a.b/t", b"21.5", [("unit", "C"), ("unit", "K")]))
+    await settle(lambda: len(broker("core").published) == 1)
+    out = broker("core").published[0]
+    assert out.topic == "sensors.a//b.t"
+    assert out.payload == b"21.5"
+    assert out.headers is not None
+    assert out.headers[:2] == [("unit", "C"), ("unit", "K")]
+    assert (VIA, "flowbridge") in out.headers
+    assert (SOURCE_TOPIC, "sensors/a.b/t") in out.headers
+    queue = broker("edge").queues[0]
+    await settle(lambda: queue.acked == [1])
+    assert run.bridge.stats()["up"].forwarded == 1
+
+
+@pytest.mark.parametrize("mqtt311", [False, True])
+async def test_bidirectional_pair_has_no_echo(
+    start: Callable[..., Awaitable[Running]], mqtt311: bool
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "x/#"}
+    to: [{broker: core}]
+  - name: down
+    from: {broker: core, filter: "x.>"}
+    to: [{broker: edge}]
+""",
+        mqtt311=mqtt311,
+    )
+    broker("edge").deliver(Message("x/1", b"from-mqtt"))
+    broker("core").deliver(Message("x.2", b"from-nats"))
+    await settle(lambda: len(broker("core").published) == 2 and len(broker("edge").published) == 2)
+    await asyncio.sleep(0.1)  # any echo would show up now
+    assert [m.payload for m in broker("core").published] == [b"from-nats", b"from-mqtt"]
+    assert [m.payload for m in broker("edge").published] == [b"from-mqtt", b"from-nats"]
+    stats = run.bridge.stats()
+    assert stats["up"].echo_suppressed == 1
+    assert stats["down"].echo_suppressed == 1
+
+
+async def test_mirror_across_four_brokers_delivers_once_each(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    names = {
+        "m": ("mqtt://m", "t/#"),
+        "n": ("nats://n", "t.>"),
+        "a": ("amqp://a", "t.#"),
+        "k": ("kafka://k", "t.#"),
+    }
+    routes = []
+    for src, (_, flt) in names.items():
+        for dst in names:
+            if dst != src:
+                routes.append(
+                    f"  - {{name: {src}-{dst}, from: {{broker: {src}, filter: '{flt}'}}, "
+                    f"to: [{{broker: {dst}}}]}}"
+                )
+    brokers = "\n".join(f"  {n}: {{url: '{u}'}}" for n, (u, _) in names.items())
+    await start(f"brokers:\n{brokers}\nroutes:\n" + "\n".join(routes))
+    broker("m").deliver(Message("t/from-m", b"1"))
+    broker("n").deliver(Message("t.from-n", b"2"))
+    await settle(lambda: all(len(broker(n).published) == 2 for n in names))
+    await asyncio.sleep(0.1)
+    for n in names:
+        assert sorted(m.payload for m in broker(n).published) == [b"1", b"2"], n
+    assert [m.topic for m in broker("k").published] == ["t.from-m", "t.from-n"]
+
+
+async def test_unrepresentable_topic_goes_to_dead_letter(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: down
+    from: {broker: core, filter: "in.>"}
+    to: [{broker: edge}]
+    dead_letter: {broker: core, topic: "dead.down"}
+"""
+    )
+    broker("core").deliver(Message("in.a+b", b"x"))  # '+' cannot be in an MQTT topic
+    broker("core").deliver(Message("in.ok", b"y"))
+    await settle(lambda: any(m.topic == "dead.down" for m in broker("core").published))
+    dead = next(m for m in broker("core").published if m.topic == "dead.down")
+    assert dead.payload == b"x"
+    assert dead.headers is not None
+    reason = dict(dead.headers)[DEAD_REASON]
+    assert "'+'" in reason
+    assert [m.topic for m in broker("edge").published] == ["in/ok"]
+    assert run.bridge.stats()["down"].dead_lettered["topic not representable"] == 1
+    await settle(lambda: broker("core").queues[0].acked == [1, 2])
+
+
+async def test_target_refusal_is_dead_lettered(start: Callable[..., Awaitable[Running]]) -> None:
+    await start(
+        """
+brokers:
+  edge: {url: "mqtt://edge"}
+  core: {url: "nats://core", options: {max_payload: 4}}
+routes:
+  - name: up
+    from: {broker: edge, filter: "#"}
+    to: [{broker: core}]
+    dead_letter: {broker: edge, topic: "dead/up"}
+"""
+    )
+    broker("edge").deliver(Message("a", b"too large"))
+    await settle(lambda: any(m.topic == "dead/up" for m in broker("edge").published))
+    assert broker("core").published == []
+
+
+async def test_at_least_once_holds_until_target_returns(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "#"}
+    to: [{broker: core}]
+"""
+    )
+    broker("core").down = True
+    broker("edge").deliver(Message("a", b"1"))
+    await settle(lambda: run.bridge.stats()["up"].retries >= 2)
+    assert broker("edge").queues[0].acked == []
+    broker("core").down = False
+    await settle(lambda: len(broker("core").published) == 1)
+    await settle(lambda: broker("edge").queues[0].acked == [1])
+
+
+async def test_at_most_once_counts_drops(start: Callable[..., Awaitable[Running]]) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "#"}
+    to: [{broker: core}]
+    delivery: at-most-once
+"""
+    )
+    broker("core").down = True
+    broker("edge").deliver(Message("a", b"1"))
+    await settle(lambda: run.bridge.stats()["up"].dropped["core unavailable"] == 1)
+
+
+async def test_dollar_topics_stay_out_of_catch_all(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: down
+    from: {broker: core, filter: ">"}
+    to: [{broker: edge}]
+"""
+    )
+    broker("core").deliver(Message("$JS.API.INFO", b"x"))
+    broker("core").deliver(Message("a.b", b"y"))
+    await settle(lambda: len(broker("edge").published) == 1)
+    assert broker("edge").published[0].topic == "a/b"
+    assert run.bridge.stats()["down"].filtered == 1
+
+
+async def test_templates_and_kafka_keys(start: Callable[..., Awaitable[Running]]) -> None:
+    await start(
+        """
+brokers:
+  edge: {url: "mqtt://edge"}
+  log: {url: "kafka://log"}
+routes:
+  - name: archive
+    from: {broker: edge, filter: "sensors/+/temp"}
+    to: [{broker: log}, {broker: log, topic: "rooms.{2}"}]
+"""
+    )
+    broker("edge").deliver(Message("sensors/room 1/temp", b"1"))
+    await settle(lambda: len(broker("log").published) == 2)
+    first, second = broker("log").published
+    assert first.topic == "sensors.room__20_1.temp"
+    assert second.topic == "rooms.room__20_1"
+    assert first.key == second.key == b"sensors/room 1/temp"  # the real topic, not the filter
