@@ -52,7 +52,10 @@ examples:
 """
 
 _RUN_EPILOG = """\
+Ctrl-C or SIGTERM stops it gracefully.
+
 examples:
+  flowbridge run                     # embedded NATS + MQTT, every topic both ways
   flowbridge run -c mappings/mqtt-nats.yaml
   flowbridge run -c brokers.yaml -c routes.yaml --log-format json --http 127.0.0.1:8080
 """
@@ -82,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="mapping file (YAML); repeat to merge several",
+        help="mapping file (YAML); repeat to merge several.  Without -c: start an embedded "
+        "NATS server and MQTT broker and bridge every topic between them",
     )
     run.add_argument(
         "--nats-port", type=_port, metavar="PORT", help="port of the embedded NATS server"

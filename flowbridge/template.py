@@ -14,6 +14,8 @@ protocol.  ``render`` then only joins precompiled parts.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flowbridge.errors import FlowbridgeError, TopicError
 from flowbridge.topics import (
     Filter,
@@ -30,6 +32,9 @@ SAMPLE_SINGLE = "any"
 SAMPLE_MULTI = "more"
 
 _WHOLE = 0  # part index meaning ``{topic}``; level numbers start at 1
+# Native names rendered per template and remembered: topics repeat, and a hit costs a
+# dictionary lookup instead of a parse and an encode.
+CACHE_SIZE = 4096
 
 
 class TemplateError(FlowbridgeError, ValueError):
@@ -109,7 +114,7 @@ class Template:
     ``kind`` is ``"translate"`` (no topic given), ``"fixed"`` or ``"template"``.
     """
 
-    __slots__ = ("_fixed", "_parts", "kind", "source", "target", "text")
+    __slots__ = ("_fixed", "_native", "_parts", "kind", "source", "target", "text")
 
     def __init__(
         self, text: str | None, *, source_filter: Filter, source: str, target: str
@@ -143,6 +148,7 @@ class Template:
                 )
         self._parts = tuple(parts)
         self._check(self.render(sample_topic(source_filter)))
+        self._native = lru_cache(maxsize=CACHE_SIZE)(self._render_native)
 
     def _check(self, rendered: str) -> None:
         try:
@@ -184,7 +190,10 @@ class Template:
         if self._fixed is not None:
             return self._fixed
         if not self._parts:
-            return translate_topic(name, self.source, self.target)
+            return translate_topic(name, self.source, self.target)  # cached there
+        return self._native(name)
+
+    def _render_native(self, name: str) -> str:
         return self.render(parse_topic(name, self.source))
 
     def __repr__(self) -> str:
