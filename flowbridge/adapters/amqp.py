@@ -452,6 +452,17 @@ async def _put(channel: _Channel, frame: ChannelFrame) -> None:
         raise _ChannelLost(channel._close_exception, refused=False)
 
 
+async def _drained(channel: _Channel, drain: asyncio.Future[None]) -> None:
+    closing = channel.closing
+    try:
+        await asyncio.wait((drain, closing), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closing.cancel()
+    if not drain.done():
+        drain.cancel()
+        raise _ChannelLost(channel._close_exception, refused=False)
+
+
 def _refused(exc: BaseException, conn: aiormq.Connection | None) -> bool:
     """True when the broker refused something on a channel (unknown exchange, queue with
     other arguments, access) while the connection itself is fine."""
@@ -638,7 +649,7 @@ class _Consumer:
             await _put(ch, ChannelFrame.marshall(ch.number, frames, drain_future=drain))
             if drain is not None:
                 await asyncio.wait_for(drain, _FLUSH_TIMEOUT)
-        except (_ChannelLost, AMQPError, TimeoutError) as exc:
+        except (_ChannelLost, *_LOST) as exc:
             self.adapter.log.debug("acks not sent (broker redelivers): %s", exc)
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
@@ -766,10 +777,12 @@ class AmqpAdapter(Adapter):
                     try:
                         await consumer.start(conn)
                     except AMQPChannelError as exc:
+                        if not _refused(exc, conn):
+                            raise
                         consumer.error = self._error(f"route {consumer.sub.route}: {exc}")
                         consumer.wakeup.set()
                 break
-            except (AMQPError, OSError, TimeoutError) as exc:
+            except _LOST as exc:
                 failures += 1
                 self._detail = str(exc) or type(exc).__name__
                 attempts = self.backoff.attempts
@@ -838,11 +851,11 @@ class AmqpAdapter(Adapter):
                     return  # the supervisor restarts it with the connection
                 try:
                     await consumer.start(conn)
-                except AMQPChannelError as exc:
-                    consumer.error = self._error(f"route {consumer.sub.route}: {exc}")
-                    consumer.wakeup.set()
-                    return
                 except _LOST as exc:
+                    if _refused(exc, conn):
+                        consumer.error = self._error(f"route {consumer.sub.route}: {exc}")
+                        consumer.wakeup.set()
+                        return
                     delay = await anext(delays, self.backoff.maximum)
                     self.log.warning("resubscribing %s failed: %s", consumer.sub.route, exc)
                     await asyncio.sleep(delay)
@@ -915,12 +928,13 @@ class AmqpAdapter(Adapter):
         self._consumers.add(consumer)
         try:
             conn = self._conn
-            if self._state is ConnState.CONNECTED and conn is not None:
+            # Before the connection is set, the supervisor starts this consumer with it.
+            if conn is not None and not conn.is_closed:
                 try:
                     await consumer.start(conn)
-                except AMQPChannelError as exc:
-                    raise self._error(f"route {sub.route}: {exc}") from exc
-                except (AMQPError, OSError) as exc:
+                except _LOST as exc:
+                    if _refused(exc, conn):
+                        raise self._error(f"route {sub.route}: {exc}") from exc
                     # The connection is going away; the supervisor subscribes again.
                     self.log.debug("subscribe during connection loss: %s", exc)
             async for batch in consumer.batches():
@@ -977,10 +991,10 @@ class AmqpAdapter(Adapter):
         refused = False
         try:
             ch = await self._publisher(confirm, exchange)
-        except AMQPChannelError as exc:
-            error = PublishError(f"exchange {exchange!r}: {exc}", retriable=False)
-            return [error] * len(messages)
-        except (AMQPError, OSError, TimeoutError) as exc:
+        except _LOST as exc:
+            if _refused(exc, self._conn):
+                error = PublishError(f"exchange {exchange!r}: {exc}", retriable=False)
+                return [error] * len(messages)
             raise PublishError(f"broker {self.name}: {exc}", retriable=True) from exc
         exchange_raw = _shortstr(exchange, "exchange")
         body_max = ch.max_content_size
@@ -1027,7 +1041,15 @@ class AmqpAdapter(Adapter):
                         await _put(ch, ChannelFrame(payload=b"".join(chunk), should_close=False))
                         chunk, size = [], 0
                 if chunk:
-                    await _put(ch, ChannelFrame(payload=b"".join(chunk), should_close=False))
+                    # Unconfirmed publishes wait for the socket to take them, so a broker
+                    # that stops reading (resource alarm) cannot grow the send buffer.
+                    drain = None if batch else asyncio.get_running_loop().create_future()
+                    frame = ChannelFrame(
+                        payload=b"".join(chunk), should_close=False, drain_future=drain
+                    )
+                    await _put(ch, frame)
+                    if drain is not None:
+                        await _drained(ch, drain)
         except (_ChannelLost, *_LOST) as exc:
             if batch is None or not isinstance(exc, _ChannelLost):
                 raise PublishError(f"broker {self.name}: {exc}", retriable=True) from exc

@@ -64,6 +64,16 @@ async def bound_queue(
     return queue
 
 
+async def get_one(queue: aio_pika.abc.AbstractQueue) -> aio_pika.abc.AbstractIncomingMessage:
+    """The next message of ``queue``, waiting for it (basic.get does not wait)."""
+    for _ in range(250):
+        message = await queue.get(no_ack=True, fail=False)
+        if message is not None:
+            return message
+        await asyncio.sleep(0.02)
+    pytest.fail(f"nothing arrived in queue {queue.name} within 5 s")
+
+
 async def take(batches: AsyncGenerator[list[Delivery], None], count: int) -> list[Delivery]:
     got: list[Delivery] = []
     async with asyncio.timeout(5):
@@ -373,7 +383,7 @@ async def test_oversized_and_uncarriable_messages_refused_per_message(
         assert [r is None for r in outcome] == [True, False, False, False, True]
         assert all(r is None or not r.retriable for r in outcome)
         assert "max_message_size" in str(outcome[1])
-        bodies = [(await queue.get(timeout=5)).body for _ in range(2)]
+        bodies = [(await get_one(queue)).body for _ in range(2)]
         assert bodies == [b"a" * 1000, b"e"]
 
 
@@ -527,3 +537,37 @@ def test_header_text_forms() -> None:
     assert header_text(7) == "7"
     assert header_text(bytearray(b"ok")) == "ok"
     assert header_text([1, [2]]) == "[1,[2]]"
+
+
+async def test_queue_with_other_arguments_is_a_subscribe_error(
+    make_adapter: MakeAdapter, pika: aio_pika.abc.AbstractChannel, unique: str
+) -> None:
+    route = f"clash-{unique}"
+    await pika.declare_queue(f"flowbridge.{route}", durable=False, auto_delete=True)
+    adapter = await make_adapter()
+    batches = adapter.subscribe(Subscription(route, ("k",), durable=True))
+    with pytest.raises(ConnectError, match="PRECONDITION_FAILED"):
+        await anext(batches)
+    assert adapter.health().state is ConnState.CONNECTED  # only that route failed
+
+
+async def test_deleted_queue_is_declared_again(
+    make_adapter: MakeAdapter, pika: aio_pika.abc.AbstractChannel, unique: str
+) -> None:
+    adapter = await make_adapter()
+    route = f"deleted-{unique}"
+    batches = adapter.subscribe(Subscription(route, (f"{unique}.del",), durable=True))
+    pending = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.3)
+    await pika.queue_delete(f"flowbridge.{route}")  # the broker cancels the consumer
+    async with asyncio.timeout(5):
+        while True:
+            await publish_native(pika, f"{unique}.del", b"again")
+            done, _ = await asyncio.wait({pending}, timeout=0.2)
+            if done:
+                break
+    (delivery, *_) = pending.result()
+    assert delivery.message.payload == b"again"
+    assert adapter.health().ok
+    await batches.aclose()
+    await pika.queue_delete(f"flowbridge.{route}")
