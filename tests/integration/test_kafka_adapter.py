@@ -394,7 +394,8 @@ async def test_start_latest_skips_existing(kafka_url: str, unique: str) -> None:
 
 
 async def test_target_survives_broker_restart() -> None:
-    with Tansu() as tansu:
+    tansu = Tansu()
+    with tansu:
         topic = "fb.restart"
         async with connected(tansu.url, request_timeout_ms=3000) as a:
             assert await a.publish([Message(topic, b"before")], confirm=True) is None
