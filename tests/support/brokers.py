@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 from urllib.parse import urlsplit
 
 NATS_URL = os.environ.get("FLOWBRIDGE_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -114,7 +115,7 @@ class _Process:
             self.proc.kill()
             self.proc.wait(10)
 
-    def __enter__(self) -> _Process:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

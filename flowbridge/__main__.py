@@ -1,0 +1,7 @@
+"""``python -m flowbridge`` is the ``flowbridge`` command."""
+
+import sys
+
+from flowbridge.cli import main
+
+sys.exit(main())
