@@ -1,0 +1,1035 @@
+"""NATS adapter on nats-py: core subjects and JetStream, in both directions.
+
+Hot paths bypass nats-py's per-message machinery: messages of flowbridge's own subscriptions
+are taken straight from the protocol parser (raw header block, no ``Msg`` object, no queue
+or task per subscription) and publishes are written as whole PUB/HPUB frame blocks.  That is
+also how repeated header names survive, which nats-py's dict headers cannot carry.
+
+JetStream sources are durable pull consumers driven by our own pull requests (batch at most
+512, never more than ``max_in_flight`` unacked); acks are queued and written in bursts.
+JetStream targets publish every message of a batch with its own reply subject and collect
+the acks as they come back (bounded window), so one slow ack never serialises a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, ClassVar, Literal, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.errors
+import nats.js.api
+import nats.js.errors
+from nats.aio.client import Client, Server
+from pydantic import Field
+
+from flowbridge.adapters import _nats_wire as wire
+from flowbridge.adapters.base import (
+    Adapter,
+    Backoff,
+    ConnState,
+    Delivery,
+    Health,
+    Message,
+    Options,
+    PublishOutcome,
+    Subscription,
+)
+from flowbridge.errors import ConnectError, FlowbridgeError, PublishError
+
+Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
+
+MAX_PULL_BATCH = 512
+_ACK = b" 4\r\n+ACK\r\n"
+_CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
+
+
+class NatsBrokerOptions(Options):
+    name: str = "flowbridge"
+    no_echo: bool = True  # the server never hands us our own publishes (no bridge loops)
+    jetstream_domain: str | None = None
+    connect_timeout: float = Field(default=2.0, gt=0)
+    ping_interval: float = Field(default=20.0, gt=0)
+    max_outstanding_pings: int = Field(default=2, ge=1)
+    # Core source buffer between the socket and the route: beyond it messages are dropped
+    # and counted (core NATS has no flow control; the server would cut us off instead).
+    max_pending_msgs: int = Field(default=65536, ge=1)
+    max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    # Outbound bytes nats-py may hold before a publish waits for the socket.
+    outbound_buffer: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    js_timeout: float = Field(default=5.0, gt=0)  # JetStream API calls and publish acks
+    js_max_outstanding: int = Field(default=1024, ge=1)  # unacked JetStream publishes
+
+
+class JetStreamSource(Options):
+    stream: str | None = None  # found by subject when not set
+    durable: str | None = None  # default "flowbridge-<route>"
+    ack_wait: float = Field(default=30.0, gt=0)
+    deliver_policy: Literal["all", "new", "last", "last_per_subject"] = "all"
+    max_deliver: int = -1
+    expires: float = Field(default=5.0, ge=1.0)  # pull request lifetime
+
+
+class NatsSourceOptions(Options):
+    jetstream: JetStreamSource | None = None
+
+
+class NatsTargetOptions(Options):
+    jetstream: bool = False  # publish with a JetStream ack per message
+    expect_stream: str | None = None  # JetStream refuses when the subject is in another stream
+
+
+class _Client(Client):
+    """nats-py client that hands messages of registered sids to a plain function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fb_handlers: dict[int, Handler] = {}
+        self.fb_errors: Callable[[BaseException], None] = lambda exc: None
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
+    ) -> None:
+        handler = self.fb_handlers.get(sid)
+        if handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        try:
+            handler(subject, reply, data, headers or None)
+        except Exception as exc:  # never let it reach the read loop: that would reconnect
+            self.fb_errors(exc)
+
+
+class _Batch:
+    """Bounded buffer of one route's deliveries; the iterator takes everything at once."""
+
+    __slots__ = (
+        "adapter",
+        "closed",
+        "dropped",
+        "event",
+        "items",
+        "max_bytes",
+        "max_msgs",
+        "nbytes",
+        "route",
+        "warned",
+    )
+
+    def __init__(self, adapter: NatsAdapter, route: str, max_msgs: int, max_bytes: int) -> None:
+        self.adapter = adapter
+        self.route = route
+        self.items: list[Delivery] = []
+        self.nbytes = 0
+        self.max_msgs = max_msgs
+        self.max_bytes = max_bytes
+        self.event = asyncio.Event()
+        self.closed = False
+        self.dropped = 0
+        self.warned = False
+
+    def full(self, size: int) -> bool:
+        if len(self.items) < self.max_msgs and self.nbytes + size <= self.max_bytes:
+            return False
+        self.dropped += 1
+        self.adapter.stats["dropped_slow_consumer"] += 1
+        if not self.warned:  # once per burst: the flag resets when the route catches up
+            self.warned = True
+            self.adapter.log.warning(
+                "route %s: consumer too slow, dropping core NATS messages (buffer %d msgs)",
+                self.route,
+                len(self.items),
+            )
+        return True
+
+    def core_msg(self, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        if self.full(len(data)):
+            return
+        msg = Message(subject.decode("utf-8", "surrogateescape"), data)
+        if reply:
+            msg.reply_to = reply.decode("utf-8", "surrogateescape")
+        if hdr is not None:
+            wire.decode_headers(hdr, msg)
+        self.items.append(Delivery(msg))
+        self.nbytes += len(data)
+        self.event.set()
+
+    def take(self) -> list[Delivery]:
+        items = self.items
+        self.items = []
+        self.nbytes = 0
+        if self.warned:
+            self.warned = False
+            self.adapter.log.warning(
+                "route %s: %d core NATS messages dropped so far", self.route, self.dropped
+            )
+        return items
+
+
+class _SubSpec:
+    """A NATS subscription we own, kept so it can be replayed on a new client."""
+
+    __slots__ = ("handler", "queue", "sid", "subject")
+
+    def __init__(self, subject: str, queue: str, handler: Handler) -> None:
+        self.subject = subject
+        self.queue = queue
+        self.handler = handler
+        self.sid = 0
+
+
+class _PullConsumer:
+    """One durable JetStream pull consumer feeding a route's batch buffer."""
+
+    def __init__(
+        self,
+        adapter: NatsAdapter,
+        batch: _Batch,
+        stream: str,
+        name: str,
+        *,
+        filters: list[str],
+        opts: JetStreamSource,
+        max_in_flight: int,
+        explicit_ack: bool,
+    ) -> None:
+        self.adapter = adapter
+        self.batch = batch
+        self.stream = stream
+        self.name = name
+        self.filters = filters
+        self.opts = opts
+        self.max_in_flight = max_in_flight
+        self.explicit_ack = explicit_ack
+        self.unacked = 0
+        self.outstanding = 0  # messages asked for by the open pull request
+        self.deadline = 0.0
+        self.ready = False  # the consumer exists on the server as far as we know
+        self.wake = asyncio.Event()
+        self.inbox = ""
+        self.task: asyncio.Task[None] | None = None
+
+    def config(self) -> nats.js.api.ConsumerConfig:
+        one = len(self.filters) == 1
+        return nats.js.api.ConsumerConfig(
+            durable_name=self.name,
+            ack_policy=(
+                nats.js.api.AckPolicy.EXPLICIT if self.explicit_ack else nats.js.api.AckPolicy.NONE
+            ),
+            ack_wait=self.opts.ack_wait,
+            deliver_policy=nats.js.api.DeliverPolicy(self.opts.deliver_policy),
+            max_deliver=self.opts.max_deliver,
+            filter_subject=self.filters[0] if one else None,
+            filter_subjects=None if one else list(self.filters),
+            # The server enforces the in-flight bound too, also across reconnects.
+            max_ack_pending=self.max_in_flight if self.explicit_ack else None,
+        )
+
+    async def ensure(self) -> None:
+        """Create the consumer (or adopt the existing one with the same filters)."""
+        jsm = self.adapter.jsm()
+        try:
+            await jsm.add_consumer(self.stream, self.config())
+        except nats.js.errors.APIError as exc:
+            info = await jsm.consumer_info(self.stream, self.name)
+            cfg = info.config
+            have = sorted(
+                cfg.filter_subjects or ([cfg.filter_subject] if cfg.filter_subject else [])
+            )
+            if have != sorted(self.filters):
+                raise FlowbridgeError(
+                    f"broker {self.adapter.name}: durable {self.name!r} on stream "
+                    f"{self.stream!r} exists with filters {have}, route wants {self.filters}; "
+                    f"delete it or pick another durable"
+                ) from exc
+            self.adapter.log.warning(
+                "durable %s on %s kept with its existing settings: %s",
+                self.name,
+                self.stream,
+                exc.description,
+            )
+        self.ready = True
+
+    def on_msg(self, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        if hdr is not None and not data:
+            status = wire.status_of(hdr)
+            if status is not None:
+                self.on_status(*status)
+                return
+        if self.outstanding > 0:
+            self.outstanding -= 1
+        msg = Message(subject.decode("utf-8", "surrogateescape"), data)
+        if hdr is not None:
+            wire.decode_headers(hdr, msg)
+        if self.explicit_ack and reply:
+            self.unacked += 1
+            delivery = Delivery(msg, self, reply)
+        else:
+            delivery = Delivery(msg)
+        batch = self.batch
+        # Cannot overflow while the server honours max_ack_pending; if it ever does, the
+        # message is counted and JetStream redelivers it after ack_wait.
+        if batch.full(len(data)):
+            return
+        batch.items.append(delivery)
+        batch.nbytes += len(data)
+        batch.event.set()
+        if self.outstanding == 0:
+            self.wake.set()
+
+    def on_status(self, code: int, text: str) -> None:
+        if code == 100:  # idle heartbeat
+            return
+        if code in (404, 408):  # no messages / pull request expired
+            pass
+        elif code == 409 and "Deleted" not in text:
+            # Max waiting, leadership change, limits: the request ended, pull again.
+            self.adapter.log.debug("pull %s/%s ended: 409 %s", self.stream, self.name, text)
+        else:  # 503 no responders or consumer deleted: recreate it
+            self.adapter.log.warning(
+                "JetStream consumer %s/%s unavailable (%d %s)", self.stream, self.name, code, text
+            )
+            self.ready = False
+        self.outstanding = 0
+        self.wake.set()
+
+    def ack(self, token: Any) -> None:
+        if self.unacked > 0:
+            self.unacked -= 1
+        self.adapter.queue_ack(token)
+        if self.outstanding == 0:
+            self.wake.set()
+
+    def reset(self) -> None:
+        """The connection changed: the open pull request died with it."""
+        self.outstanding = 0
+        self.wake.set()
+
+    async def run(self) -> None:
+        adapter = self.adapter
+        retry = adapter.backoff.initial
+        while not self.batch.closed:
+            nc = adapter.client()
+            if nc is None or not nc.is_connected:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), 0.5)
+                continue
+            if not self.ready:
+                try:
+                    await self.ensure()
+                    retry = adapter.backoff.initial
+                except FlowbridgeError:
+                    raise
+                except Exception as exc:
+                    adapter.log.warning(
+                        "cannot create consumer %s/%s: %r; retry in %.1fs",
+                        self.stream,
+                        self.name,
+                        exc,
+                        retry,
+                    )
+                    await asyncio.sleep(retry)
+                    retry = min(retry * 2, adapter.backoff.maximum)
+                    continue
+            now = time.monotonic()
+            if self.outstanding > 0 and now >= self.deadline:
+                self.outstanding = 0  # the request was lost (server restart)
+            budget = self.max_in_flight - self.unacked
+            if self.outstanding > 0 or budget <= 0:
+                self.wake.clear()
+                wait = self.deadline - now if self.outstanding > 0 else self.opts.expires
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), max(wait, 0.01))
+                continue
+            n = min(budget, MAX_PULL_BATCH)
+            request = b'{"batch":%d,"expires":%d}' % (n, int(self.opts.expires * 1e9))
+            self.outstanding = n
+            self.deadline = now + self.opts.expires + 1.0
+            try:
+                await nc.publish(
+                    adapter.api_prefix + f".CONSUMER.MSG.NEXT.{self.stream}.{self.name}",
+                    request,
+                    reply=self.inbox,
+                )
+            except nats.errors.Error:
+                self.outstanding = 0
+                await asyncio.sleep(0.05)
+
+
+class _JsBatch:
+    """Acks still expected for one JetStream publish call."""
+
+    __slots__ = ("acked", "event", "results", "target")
+
+    def __init__(self, n: int) -> None:
+        self.results: list[PublishError | object | None] = [_PENDING] * n
+        self.acked = 0
+        self.target = 0
+        self.event = asyncio.Event()
+
+
+_PENDING = object()
+
+
+def _frames(out: bytearray) -> bytes:
+    # nats-py only hands its pending list to writelines(), which takes any buffer: passing
+    # the block itself saves a copy of every payload.
+    return cast(bytes, out)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+class NatsAdapter(Adapter):
+    protocol: ClassVar[str] = "nats"
+    BrokerOptions: ClassVar[type[Options]] = NatsBrokerOptions
+    SourceOptions: ClassVar[type[Options]] = NatsSourceOptions
+    TargetOptions: ClassVar[type[Options]] = NatsTargetOptions
+
+    def __init__(self, name: str, url: str, options: Options, backoff: Backoff) -> None:
+        if not isinstance(options, NatsBrokerOptions):
+            options = NatsBrokerOptions.model_validate(options.model_dump())
+        super().__init__(name, url, options, backoff)
+        self.opts: NatsBrokerOptions = options
+        self.stats: dict[str, int] = {
+            "dropped_slow_consumer": 0,
+            "callback_errors": 0,
+            "reconnects": 0,
+            "acks_sent": 0,
+            "acks_dropped": 0,
+            "js_duplicates": 0,
+            "publish_refused": 0,
+            "reply_to_not_carried": 0,
+        }
+        domain = self.opts.jetstream_domain
+        self.api_prefix = f"$JS.{domain}.API" if domain else "$JS.API"
+        self._nc: _Client | None = None
+        self._state = ConnState.CONNECTING
+        self._closing = False
+        self._epoch = 0
+        self._lost: asyncio.Future[None] | None = None
+        self._reconnect_delay = backoff.initial
+        self._specs: dict[int, _SubSpec] = {}  # by id(spec)
+        self._consumers: list[_PullConsumer] = []
+        self._batches: list[_Batch] = []
+        self._acks: list[bytes] = []
+        self._ack_task: asyncio.Task[None] | None = None
+        self._revive_task: asyncio.Task[None] | None = None
+        self._subject_cache: dict[str, bytes] = {}
+        self._js_prefix = b""
+        self._js_batches: dict[int, _JsBatch] = {}
+        self._js_seq = 0
+        self._warned_reply_to = False
+
+    # ---- load-time checks -------------------------------------------------------------
+
+    @classmethod
+    def check_source(cls, options: Options, *, durable: bool) -> str | None:
+        if durable and getattr(options, "jetstream", None) is None:
+            return (
+                "core NATS cannot acknowledge; use delivery: at-most-once or from.options.jetstream"
+            )
+        return None
+
+    # ---- connection -------------------------------------------------------------------
+
+    def client(self) -> _Client | None:
+        return self._nc
+
+    def jsm(self) -> Any:
+        assert self._nc is not None
+        return self._nc.jsm(timeout=self.opts.js_timeout, prefix=self.api_prefix)
+
+    async def connect(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            return
+        self._closing = False
+        self._state = ConnState.CONNECTING
+        nc = await self._dial(self.backoff.attempts)
+        await self._adopt(nc)
+
+    async def _dial(self, attempts: int | None) -> _Client:
+        delay = self.backoff.initial
+        failures = 0
+        while True:
+            nc = _Client()
+            nc.fb_errors = self._handler_error
+            try:
+                await nc.connect(
+                    servers=[self.url],
+                    name=self.opts.name,
+                    no_echo=self.opts.no_echo,
+                    # Off for the first dial so a failure comes back to us; switched on after.
+                    allow_reconnect=False,
+                    # nats-py's first dial loops until a server exceeds this count (two
+                    # quick tries); the real policy (forever, our backoff) is set after.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    reconnect_to_server_handler=self._next_server,
+                    connect_timeout=self.opts.connect_timeout,  # type: ignore[arg-type]
+                    ping_interval=self.opts.ping_interval,  # type: ignore[arg-type]
+                    max_outstanding_pings=self.opts.max_outstanding_pings,
+                    pending_size=self.opts.outbound_buffer,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_closed,
+                )
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+                failures += 1
+                cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                if attempts is not None and failures >= attempts:
+                    raise ConnectError(
+                        f"broker {self.name} ({_redact(self.url)}): {cause}"
+                    ) from exc
+                self.log.warning(
+                    "cannot connect to %s (%s), retry in %.1fs", _redact(self.url), cause, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff.maximum)
+                continue
+            nc.options["allow_reconnect"] = True
+            nc.options["max_reconnect_attempts"] = -1
+            return nc
+
+    async def _adopt(self, nc: _Client) -> None:
+        """Make ``nc`` the connection and (re)place every subscription we own on it."""
+        self._nc = nc
+        self._epoch += 1
+        self._lost = asyncio.get_running_loop().create_future()
+        self._reconnect_delay = self.backoff.initial
+        for spec in list(self._specs.values()):
+            await self._sub(nc, spec)
+        self._state = ConnState.CONNECTED
+        for consumer in self._consumers:
+            consumer.reset()
+
+    async def _sub(self, nc: _Client, spec: _SubSpec) -> None:
+        # Register before SUB goes out so no early message takes nats-py's own path; the sid
+        # nats-py assigns is the next one (assigned before its first await).
+        sid = nc._sid + 1
+        nc.fb_handlers[sid] = spec.handler
+        sub = await nc.subscribe(spec.subject, queue=spec.queue)
+        if sub._id != sid:  # pragma: no cover - nats-py changed how sids are assigned
+            nc.fb_handlers.pop(sid, None)
+            nc.fb_handlers[sub._id] = spec.handler
+        spec.sid = sub._id
+
+    async def _unsub(self, spec: _SubSpec) -> None:
+        self._specs.pop(id(spec), None)
+        nc = self._nc
+        if nc is None:
+            return
+        nc.fb_handlers.pop(spec.sid, None)
+        sub = nc._subs.get(spec.sid)
+        if sub is not None and not nc.is_closed:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[None, float]:
+        # nats-py asks before every reconnect attempt: exponential backoff, forever.
+        delay = self._reconnect_delay
+        self._reconnect_delay = min(delay * 2, self.backoff.maximum)
+        return None, delay
+
+    def _handler_error(self, exc: BaseException) -> None:
+        self.stats["callback_errors"] += 1
+        self.log.error("message handler failed: %r", exc, exc_info=exc)
+
+    async def _on_error(self, exc: Exception) -> None:
+        try:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                self.stats["dropped_slow_consumer"] += 1
+            self.log.warning("nats: %r", exc)
+        except Exception:  # a raising callback would stop nats-py's reconnect loop
+            self.stats["callback_errors"] += 1
+
+    def _mark_lost(self) -> None:
+        self._epoch += 1
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+        for consumer in self._consumers:
+            consumer.reset()
+
+    async def _on_disconnected(self) -> None:
+        try:
+            if not self._closing:
+                self._state = ConnState.DISCONNECTED
+                self.log.warning("disconnected from %s; reconnecting", _redact(self.url))
+            self._mark_lost()
+        except Exception as exc:
+            self._handler_error(exc)
+
+    async def _on_reconnected(self) -> None:
+        try:
+            self.stats["reconnects"] += 1
+            self._reconnect_delay = self.backoff.initial
+            self._lost = asyncio.get_running_loop().create_future()
+            self._state = ConnState.CONNECTED
+            self.log.info("reconnected to %s", _redact(self.url))
+            for consumer in self._consumers:
+                consumer.reset()
+        except Exception as exc:
+            self._handler_error(exc)
+
+    async def _on_closed(self) -> None:
+        try:
+            self._mark_lost()
+            if self._closing:
+                return
+            # nats-py gave up on this connection (e.g. a server -ERR): start a new one.
+            self._state = ConnState.DISCONNECTED
+            if self._revive_task is None or self._revive_task.done():
+                self._revive_task = asyncio.get_running_loop().create_task(
+                    self._revive(), name=f"nats-revive-{self.name}"
+                )
+        except Exception as exc:
+            self._handler_error(exc)
+
+    async def _revive(self) -> None:
+        self.log.warning("connection to %s closed by the server; dialing again", _redact(self.url))
+        nc = await self._dial(None)
+        if self._closing:
+            await nc.close()
+            return
+        self.stats["reconnects"] += 1
+        await self._adopt(nc)
+
+    async def close(self) -> None:
+        if self._closing and self._state is ConnState.CLOSED:
+            return
+        self._closing = True
+        if self._revive_task is not None:
+            self._revive_task.cancel()
+        for batch in self._batches:
+            batch.closed = True
+            batch.event.set()
+        for consumer in self._consumers:
+            if consumer.task is not None:
+                consumer.task.cancel()
+        nc = self._nc
+        if nc is not None and not nc.is_closed:
+            if nc.is_connected:
+                with contextlib.suppress(Exception):
+                    if self._acks:
+                        await self._send_acks()
+                    await nc.flush(timeout=max(1, int(self.opts.js_timeout)))
+            with contextlib.suppress(Exception):
+                await nc.close()
+        if self._acks:
+            self.stats["acks_dropped"] += len(self._acks)
+            self._acks.clear()
+        self._state = ConnState.CLOSED
+        self._mark_lost()
+
+    def health(self) -> Health:
+        nc = self._nc
+        state = self._state
+        if state is ConnState.CONNECTED and nc is not None and not nc.is_connected:
+            state = ConnState.DISCONNECTED
+        subscribed = all(c.ready for c in self._consumers)
+        return Health(
+            state,
+            detail=_redact(self.url),
+            reconnects=self.stats["reconnects"],
+            subscribed=subscribed and state is ConnState.CONNECTED,
+        )
+
+    def max_payload(self) -> int | None:
+        return self._nc.max_payload if self._nc is not None else None
+
+    # ---- source -----------------------------------------------------------------------
+
+    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        return self._iterate(sub)
+
+    async def _iterate(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+        nc = self._nc
+        if nc is None:
+            raise FlowbridgeError(f"broker {self.name}: subscribe before connect")
+        opts = (
+            sub.options
+            if isinstance(sub.options, NatsSourceOptions)
+            else (NatsSourceOptions.model_validate(sub.options.model_dump()))
+        )
+        js = opts.jetstream
+        limit = self.opts.max_pending_msgs if js is None else max(sub.max_in_flight, 1)
+        batch = _Batch(self, sub.route, limit, self.opts.max_pending_bytes)
+        self._batches.append(batch)
+        specs: list[_SubSpec] = []
+        consumers: list[_PullConsumer] = []
+        try:
+            if js is None:
+                for subject in sub.filters:
+                    problem = wire.subject_problem(subject, publish=False)
+                    if problem:
+                        raise FlowbridgeError(f"broker {self.name}: filter {problem}")
+                    spec = _SubSpec(subject, sub.group or "", batch.core_msg)
+                    self._specs[id(spec)] = spec
+                    specs.append(spec)
+                    await self._sub(nc, spec)
+            else:
+                consumers = await self._consumers_for(sub, js, batch)
+                for consumer in consumers:
+                    spec = _SubSpec(nc.new_inbox(), "", consumer.on_msg)
+                    consumer.inbox = spec.subject
+                    self._specs[id(spec)] = spec
+                    specs.append(spec)
+                    await self._sub(nc, spec)
+                    self._consumers.append(consumer)
+                    await consumer.ensure()
+                    consumer.task = asyncio.get_running_loop().create_task(
+                        consumer.run(), name=f"nats-pull-{consumer.stream}-{consumer.name}"
+                    )
+            while True:
+                if batch.items:
+                    yield batch.take()
+                    continue
+                if batch.closed:
+                    return
+                for consumer in consumers:
+                    if consumer.task is not None and consumer.task.done():
+                        consumer.task.result()  # a consumer that cannot work: say why
+                batch.event.clear()
+                await batch.event.wait()
+        finally:
+            batch.closed = True
+            self._batches.remove(batch)
+            for consumer in consumers:
+                if consumer.task is not None:
+                    consumer.task.cancel()
+                if consumer in self._consumers:
+                    self._consumers.remove(consumer)
+            for spec in specs:
+                await self._unsub(spec)
+
+    async def _consumers_for(
+        self, sub: Subscription, js: JetStreamSource, batch: _Batch
+    ) -> list[_PullConsumer]:
+        jsm = self.jsm()
+        by_stream: dict[str, list[str]] = {}
+        for subject in sub.filters:
+            stream = js.stream
+            if stream is None:
+                try:
+                    stream = await jsm.find_stream_name_by_subject(subject)
+                except nats.js.errors.NotFoundError as exc:
+                    raise FlowbridgeError(
+                        f"broker {self.name}: no JetStream stream captures {subject!r}"
+                    ) from exc
+            by_stream.setdefault(stream, []).append(subject)
+        durable = js.durable or f"flowbridge-{sub.route}"
+        version = self._nc.connected_server_version if self._nc else None
+        multi_filter = version is not None and (version.major, version.minor) >= (2, 10)
+        groups: list[tuple[str, list[str]]] = []
+        for stream, subjects in by_stream.items():
+            if multi_filter or len(subjects) == 1:
+                groups.append((stream, subjects))
+            else:  # nats-server < 2.10 has one filter per consumer
+                groups.extend((stream, [s]) for s in subjects)
+        consumers = []
+        k = len(groups)
+        total = max(sub.max_in_flight, 1)
+        for i, (stream, subjects) in enumerate(groups):
+            name = durable if k == 1 else f"{durable}-{i}"
+            # Each consumer gets its share of the route's in-flight bound, so their sum
+            # never exceeds it (a consumer needs at least one).
+            share = max(total // k + (1 if i < total % k else 0), 1)
+            consumers.append(
+                _PullConsumer(
+                    self,
+                    batch,
+                    stream,
+                    name,
+                    filters=subjects,
+                    opts=js,
+                    max_in_flight=share,
+                    explicit_ack=sub.durable,
+                )
+            )
+        return consumers
+
+    def queue_ack(self, reply: bytes) -> None:
+        self._acks.append(b"PUB " + reply + _ACK)
+        if self._ack_task is None:
+            self._ack_task = asyncio.get_running_loop().create_task(self._ack_writer())
+
+    async def _ack_writer(self) -> None:
+        try:
+            await self._send_acks()
+        except Exception as exc:
+            self.stats["acks_dropped"] += len(self._acks)
+            self._acks.clear()
+            self.log.warning("acks not sent (%r); JetStream will redeliver", exc)
+        finally:
+            self._ack_task = None
+
+    async def _send_acks(self) -> None:
+        # Every ack of this loop turn goes out as one write; acks of deliveries from before
+        # a reconnect are sent too: the server ignores those it no longer tracks.
+        while self._acks:
+            nc = self._nc
+            if nc is None or nc.is_closed:
+                self.stats["acks_dropped"] += len(self._acks)
+                self._acks.clear()
+                return
+            data = b"".join(self._acks)
+            self.stats["acks_sent"] += len(self._acks)
+            self._acks.clear()
+            await nc._send_command(data)
+            await nc._flush_pending()
+
+    # ---- target -----------------------------------------------------------------------
+
+    async def publish(
+        self, messages: Sequence[Message], *, confirm: bool, options: Options | None = None
+    ) -> PublishOutcome:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise PublishError(f"broker {self.name}: not connected", retriable=True)
+        opts = (
+            options
+            if isinstance(options, NatsTargetOptions)
+            else (
+                NatsTargetOptions()
+                if options is None
+                else NatsTargetOptions.model_validate(options.model_dump())
+            )
+        )
+        if opts.jetstream:
+            return await self._publish_js(nc, messages, opts)
+        return await self._publish_core(nc, messages, confirm)
+
+    def _subject(self, topic: str) -> bytes:
+        """The wire form of a publish subject, validated once per distinct subject."""
+        cached = self._subject_cache.get(topic)
+        if cached is not None:
+            return cached
+        problem = wire.subject_problem(topic, publish=True)
+        if problem:
+            raise wire.WireError(problem)
+        encoded = topic.encode("utf-8", "surrogateescape")
+        if len(self._subject_cache) >= 65536:
+            self._subject_cache.clear()
+        self._subject_cache[topic] = encoded
+        return encoded
+
+    def _refuse(
+        self, results: list[PublishError | None] | None, n: int, i: int, reason: str
+    ) -> list[PublishError | None]:
+        self.stats["publish_refused"] += 1
+        if results is None:
+            results = [None] * n
+        results[i] = PublishError(reason, retriable=False)
+        return results
+
+    async def _publish_core(
+        self, nc: _Client, messages: Sequence[Message], confirm: bool
+    ) -> PublishOutcome:
+        epoch = self._epoch
+        limit = nc.max_payload
+        results: list[PublishError | None] | None = None
+        out = bytearray()
+        n = len(messages)
+        for i, m in enumerate(messages):
+            try:
+                subject = self._subject(m.topic)
+                reply = b""
+                if m.reply_to:
+                    reply = self._subject(m.reply_to) + b" "
+                hdr = wire.encode_headers(m)
+            except wire.WireError as exc:
+                results = self._refuse(results, n, i, str(exc))
+                continue
+            size = len(m.payload) + (len(hdr) if hdr is not None else 0)
+            if size > limit:
+                results = self._refuse(
+                    results, n, i, f"message of {size} bytes exceeds max_payload {limit}"
+                )
+                continue
+            wire.pub_frame(out, subject, reply, hdr, m.payload)
+            if len(out) >= _CHUNK:
+                await nc._send_command(_frames(out))
+                out = bytearray()
+        if out:
+            await nc._send_command(_frames(out))
+        await nc._flush_pending()
+        if self._epoch != epoch or not nc.is_connected:
+            # Written into a connection that went away: nothing is known to have arrived.
+            raise PublishError(
+                f"broker {self.name}: connection lost while publishing", retriable=True
+            )
+        if confirm:
+            await self._confirm(nc, epoch)
+        return results
+
+    async def _confirm(self, nc: _Client, epoch: int) -> None:
+        """PING/PONG: the PONG proves the server processed everything written before."""
+        lost = self._lost
+        pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await nc._send_ping(pong)
+        waiting: set[asyncio.Future[Any]] = {pong}
+        if lost is not None:
+            waiting.add(lost)
+        await asyncio.wait(
+            waiting, timeout=self.opts.js_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not pong.done() or self._epoch != epoch:
+            pong.cancel()
+            raise PublishError(
+                f"broker {self.name}: no confirmation (connection lost or "
+                f"no PONG within {self.opts.js_timeout}s)",
+                retriable=True,
+            )
+
+    async def _js_inbox(self, nc: _Client) -> bytes:
+        if not self._js_prefix:
+            prefix = nc.new_inbox()
+            spec = _SubSpec(prefix + ".>", "", self._on_js_ack)
+            self._specs[id(spec)] = spec
+            self._js_prefix = (prefix + ".").encode()
+            await self._sub(nc, spec)
+        return self._js_prefix
+
+    def _on_js_ack(self, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        batch_no, _, index = subject[len(self._js_prefix) :].partition(b".")
+        try:
+            state = self._js_batches.get(int(batch_no))
+            i = int(index)
+        except ValueError:
+            return
+        if state is None or i >= len(state.results) or state.results[i] is not _PENDING:
+            return  # late ack of a finished call, or a duplicate
+        err: PublishError | None = None
+        status = wire.status_of(hdr) if hdr is not None and not data else None
+        if status is not None:
+            code, text = status
+            reason = (
+                "no JetStream stream for this subject (503 no responders)"
+                if code == 503
+                else f"JetStream status {code} {text}".rstrip()
+            )
+            err = PublishError(reason, retriable=False)
+        elif b'"error"' in data:
+            try:
+                info = json.loads(data)["error"]
+                reason = (
+                    f"JetStream refused: {info.get('description', '')} "
+                    f"(code {info.get('code')}, err_code {info.get('err_code')})"
+                )
+            except (ValueError, KeyError, TypeError):
+                reason = f"JetStream refused: {data[:200]!r}"
+            err = PublishError(reason, retriable=False)
+        elif b'"duplicate"' in data and b"true" in data.partition(b'"duplicate"')[2][:8]:
+            # Formatting differs between server versions ("duplicate": true / :true).
+            self.stats["js_duplicates"] += 1
+        if err is not None:
+            self.stats["publish_refused"] += 1
+        state.results[i] = err
+        state.acked += 1
+        if state.acked >= state.target:
+            state.event.set()
+
+    async def _publish_js(
+        self, nc: _Client, messages: Sequence[Message], opts: NatsTargetOptions
+    ) -> PublishOutcome:
+        epoch = self._epoch
+        prefix = await self._js_inbox(nc)
+        n = len(messages)
+        self._js_seq += 1
+        batch_no = self._js_seq
+        state = _JsBatch(n)
+        self._js_batches[batch_no] = state
+        reply_base = prefix + b"%d." % batch_no
+        extra = [(wire.EXPECTED_STREAM, opts.expect_stream)] if opts.expect_stream else None
+        window = self.opts.js_max_outstanding
+        limit = nc.max_payload
+        timeout = self.opts.js_timeout
+        try:
+            out = bytearray()
+            sent = 0  # frames written, including refused ones (counted as acked)
+            for i, m in enumerate(messages):
+                if sent - state.acked >= window:
+                    await self._js_wait(nc, state, out, target=sent - window // 2, epoch=epoch)
+                    out = bytearray()
+                sent += 1
+                try:
+                    subject = self._subject(m.topic)
+                    hdr = wire.encode_headers(m, extra)
+                except wire.WireError as exc:
+                    self._js_refuse(state, i, str(exc))
+                    continue
+                size = len(m.payload) + (len(hdr) if hdr is not None else 0)
+                if size > limit:
+                    self._js_refuse(
+                        state, i, f"message of {size} bytes exceeds max_payload {limit}"
+                    )
+                    continue
+                if m.reply_to is not None:
+                    self.stats["reply_to_not_carried"] += 1
+                    if not self._warned_reply_to:
+                        self._warned_reply_to = True
+                        self.log.warning(
+                            "JetStream stores no reply subject: reply_to of "
+                            "messages published with jetstream is not carried"
+                        )
+                wire.pub_frame(out, subject, reply_base + b"%d " % i, hdr, m.payload)
+            await self._js_wait(nc, state, out, target=n, epoch=epoch)
+        finally:
+            del self._js_batches[batch_no]
+        results: list[PublishError | None] = []
+        missing = 0
+        for r in state.results:
+            if r is _PENDING:
+                missing += 1
+                results.append(PublishError(f"no JetStream ack within {timeout}s", retriable=True))
+            else:
+                results.append(r if isinstance(r, PublishError) else None)
+        if missing == 0 and all(r is None for r in results):
+            return None
+        return results
+
+    def _js_refuse(self, state: _JsBatch, i: int, reason: str) -> None:
+        self.stats["publish_refused"] += 1
+        state.results[i] = PublishError(reason, retriable=False)
+        state.acked += 1
+
+    async def _js_wait(
+        self, nc: _Client, state: _JsBatch, out: bytearray, *, target: int, epoch: int
+    ) -> None:
+        """Write ``out`` and wait until ``target`` acks are in (or time runs out)."""
+        if out:
+            await nc._send_command(_frames(out))
+            await nc._flush_pending()
+        lost = self._lost
+        if state.acked < target:
+            state.target = target
+            state.event.clear()
+            waiter = asyncio.ensure_future(state.event.wait())
+            waiting: set[asyncio.Future[Any]] = {waiter}
+            if lost is not None:
+                waiting.add(lost)
+            try:
+                await asyncio.wait(
+                    waiting, timeout=self.opts.js_timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+        if self._epoch != epoch:
+            raise PublishError(
+                f"broker {self.name}: connection lost while publishing to JetStream", retriable=True
+            )
