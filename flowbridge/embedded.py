@@ -255,7 +255,15 @@ async def embedded_brokers(
             )
         # start() returns once its listening socket is open: no probe needed (a bare TCP
         # probe would only make amqtt log an error about an empty connection).
-        broker = await _start_amqtt(host, mqtt_port)
+        starting = asyncio.ensure_future(_start_amqtt(host, mqtt_port))
+        try:
+            broker = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # A broker cancelled halfway through start() could not be shut down and would
+            # keep its port: let it finish starting, then the finally block stops it.
+            with contextlib.suppress(Exception):
+                broker = await starting
+            raise
         client_host = _client_host(host)
         await _wait_nats(proc, client_host, nats_port, logfile)
         log.info(

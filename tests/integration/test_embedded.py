@@ -206,14 +206,14 @@ async def test_nats_server_gone_after_error_in_block() -> None:
     assert nats_pids(nats_port) == []
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02, None])
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01, 0.02, None])
 async def test_nats_server_gone_after_cancellation(delay: float | None) -> None:
     """Cancelled while starting (delay) or while running (None)."""
-    nats_port = free_port()
+    nats_port, mqtt_port = free_port(), free_port()
     running = asyncio.Event()
 
     async def serve() -> None:
-        async with embedded_brokers(nats_port=nats_port, mqtt_port=free_port()):
+        async with embedded_brokers(nats_port=nats_port, mqtt_port=mqtt_port):
             running.set()
             await asyncio.sleep(60)
 
@@ -226,6 +226,37 @@ async def test_nats_server_gone_after_cancellation(delay: float | None) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert nats_pids(nats_port) == []
+    with listening(mqtt_port):  # the MQTT listener is closed too
+        pass
+
+
+async def test_mqtt_listener_closed_when_cancelled_inside_broker_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled after amqtt opened its listener but before start() returned."""
+    listener_open = asyncio.Event()
+
+    class SlowStart(embedded.Broker):  # type: ignore[misc]
+        async def start(self) -> None:
+            await super().start()
+            listener_open.set()
+            await asyncio.sleep(0.3)
+
+    monkeypatch.setattr(embedded, "Broker", SlowStart)
+    nats_port, mqtt_port = free_port(), free_port()
+
+    async def serve() -> None:
+        async with embedded_brokers(nats_port=nats_port, mqtt_port=mqtt_port):
+            pytest.fail("start should have been cancelled")
+
+    task = asyncio.create_task(serve())
+    await asyncio.wait_for(listener_open.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with listening(mqtt_port):
+        pass
     assert nats_pids(nats_port) == []
 
 
