@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -270,7 +271,7 @@ def test_nats_server_dies_with_a_killed_parent() -> None:
 
         async def main():
             async with embedded_brokers(nats_port={nats_port}, mqtt_port={free_port()}) as b:
-                print(b.nats_pid, flush=True)
+                print(b.nats_pid, b.store_dir, flush=True)
                 await asyncio.sleep(60)
 
         asyncio.run(main())
@@ -279,9 +280,11 @@ def test_nats_server_dies_with_a_killed_parent() -> None:
     with subprocess.Popen(
         [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True
     ) as parent:
+        store = ""
         try:
             assert parent.stdout is not None
-            pid = int(parent.stdout.readline())
+            pid_text, store = parent.stdout.readline().split()
+            pid = int(pid_text)
             assert nats_pids(nats_port) == [pid]
             parent.send_signal(signal.SIGKILL)
             parent.wait(5)
@@ -293,6 +296,9 @@ def test_nats_server_dies_with_a_killed_parent() -> None:
             parent.kill()
             for leftover in nats_pids(nats_port):
                 os.kill(leftover, signal.SIGKILL)
+            # Nothing ran the killed parent's cleanup.
+            if store:
+                shutil.rmtree(Path(store).parent, ignore_errors=True)
 
 
 def test_missing_nats_server_says_how_to_install(
