@@ -57,6 +57,10 @@ class MqttBrokerOptions(Options):
     session_expiry: Annotated[int, Field(ge=0)] = 3600  # MQTT 5: seconds the session outlives us
     receive_maximum: Annotated[int, Field(ge=1, le=65535)] = 1000  # MQTT 5: unacked deliveries
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Our unconfirmed QoS 1/2 publishes at a time.  MQTT 5 brokers announce theirs; 3.1.1
+    # cannot, and Mosquitto (max_inflight_messages, default 20) loses QoS 2 messages sent
+    # beyond its window, so 3.1.1 defaults to 20.
+    send_maximum: Annotated[int, Field(ge=1, le=65535)] | None = None
 
     @field_validator("version", mode="before")
     @classmethod
@@ -213,6 +217,10 @@ class MqttAdapter(Adapter):
         )
         if conn is not self._conn:
             self._adopt(conn)
+        if self.version == w.V311:
+            conn.server_receive_max = self.opts.send_maximum or 20
+        elif self.opts.send_maximum:
+            conn.server_receive_max = min(conn.server_receive_max, self.opts.send_maximum)
         if connack.session_present:
             if self._qos2_unreleased:
                 conn.release(self._qos2_unreleased)
