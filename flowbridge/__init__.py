@@ -1,4 +1,5 @@
-"""flowbridge: one topic model across NATS, MQTT, AMQP 0-9-1 and Kafka, and a bridge between them."""
+"""flowbridge: one topic model across NATS, MQTT, AMQP 0-9-1 and Kafka, and a bridge
+between them."""
 
 from flowbridge.errors import ConfigError, FlowbridgeError, TopicError
 from flowbridge.topics import (

@@ -337,7 +337,7 @@ class RouteRunner:
                     reason,
                     len(msgs),
                 )
-                await adapter.wait_connected(timeout=delay)
+                await adapter.wait_connected(within=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -69,6 +69,12 @@ class Delivery:
             self.settler.ack(self.token)
 
 
+class Options(BaseModel):
+    """Base of every adapter's option models: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Subscription:
     """What a route asks of its source.
@@ -86,7 +92,7 @@ class Subscription:
     durable: bool
     max_in_flight: int = 1000
     group: str | None = None
-    options: Options = field(default_factory=lambda: Options())
+    options: Options = field(default_factory=Options)
 
 
 class ConnState(enum.Enum):
@@ -111,12 +117,6 @@ class Health:
 PublishOutcome = Sequence[PublishError | None] | None
 """``None``: every message is accepted (and confirmed when asked).  Otherwise one entry per
 message: ``None`` for accepted, a ``PublishError`` for one the target refused."""
-
-
-class Options(BaseModel):
-    """Base of every adapter's option models: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Adapter(abc.ABC):
@@ -182,10 +182,11 @@ class Adapter(abc.ABC):
         """Largest body the target accepts, when the protocol tells or config sets it."""
         return None
 
-    async def wait_connected(self, timeout: float | None = None) -> bool:
-        """True once connected (polls; adapters may override with an event)."""
+    async def wait_connected(self, within: float | None = None) -> bool:
+        """True once connected, False when closed or ``within`` seconds passed (polls;
+        adapters may override with an event)."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if within is None else loop.time() + within
         while self.health().state is not ConnState.CONNECTED:
             if self.health().state is ConnState.CLOSED:
                 return False
