@@ -577,7 +577,7 @@ class _Consumer:
                 name = self.opts.queue or f"flowbridge.{sub.route}"
                 ok = await ch.queue_declare(name, durable=True, arguments=args)
             elif sub.group:
-                # Competing consumers share one queue that outlives none of them.
+                # Competing consumers share one queue, deleted when the last one leaves.
                 name = self.opts.queue or f"flowbridge.{sub.route}.{sub.group}"
                 ok = await ch.queue_declare(name, auto_delete=True, arguments=args)
             else:
