@@ -147,16 +147,19 @@ class _Batch:
         return True
 
     def core_msg(self, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
-        if self.full(len(data)):
+        items = self.items
+        size = len(data)
+        if (len(items) >= self.max_msgs or self.nbytes + size > self.max_bytes) and self.full(size):
             return
         msg = Message(subject.decode("utf-8", "surrogateescape"), data)
         if reply:
             msg.reply_to = reply.decode("utf-8", "surrogateescape")
         if hdr is not None:
             wire.decode_headers(hdr, msg)
-        self.items.append(Delivery(msg))
-        self.nbytes += len(data)
-        self.event.set()
+        items.append(Delivery(msg))
+        self.nbytes += size
+        if not self.event.is_set():
+            self.event.set()
 
     def take(self) -> list[Delivery]:
         items = self.items
