@@ -627,9 +627,12 @@ class Parser:
                         j += 2
                     props = None
                     if v5:
-                        r = _Reader(buf, j, end)
-                        props = r.props()
-                        j = r.pos
+                        if j < end and buf[j] == 0:
+                            j += 1  # no properties: the common case, skip the reader
+                        else:
+                            r = _Reader(buf, j, end)
+                            props = r.props()
+                            j = r.pos
                     out.append(
                         Publish(
                             topic,

@@ -47,6 +47,8 @@ ORPHAN_LIMIT = 10_000
 # Reading stops at a route's max_in_flight unless one of our own requests (a publish waiting
 # for its PUBACK) needs the socket read; at this multiple it stops regardless.
 HARD_FACTOR = 4
+# Topics whose matching routes are remembered (filters are matched once per topic).
+MATCH_CACHE = 10_000
 
 
 class MqttBrokerOptions(Options):
@@ -157,6 +159,7 @@ class MqttAdapter(Adapter):
         self._gen = 0
         self._order: deque[_Inbound] = deque()
         self._routes: dict[int, _Route] = {}
+        self._match_cache: dict[str, list[_Route]] = {}
         self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
         self._orphans_dropped = 0
         self._qos2_unreleased: list[int] = []
@@ -366,6 +369,7 @@ class MqttAdapter(Adapter):
             sid = sid % 268_435_454 + 1
         route = _Route(self, sub, sid, opts)
         self._routes[sid] = route
+        self._match_cache.clear()
         try:
             self._adopt_orphans(route)
             if self._conn is not None and not self._conn.closed:
@@ -387,6 +391,7 @@ class MqttAdapter(Adapter):
                 await route.wake.wait()
         finally:
             del self._routes[sid]
+            self._match_cache.clear()
             conn = self._conn
             if not sub.durable and not self._closed and conn is not None and not conn.closed:
                 task = asyncio.create_task(self._unsubscribe(conn, route.filters))
@@ -470,9 +475,17 @@ class MqttAdapter(Adapter):
             sids = props.get(w.SUBSCRIPTION_ID)
             if sids:
                 return [routes[s] for s in sids if s in routes]
-        if single is not None:
-            return [single] if single.matches(p.topic) else []
-        return [r for r in routes.values() if r.matches(p.topic)]
+        topic = p.topic
+        found = self._match_cache.get(topic)
+        if found is None:
+            if len(self._match_cache) >= MATCH_CACHE:
+                self._match_cache.clear()
+            if single is not None:
+                found = [single] if single.matches(topic) else []
+            else:
+                found = [r for r in routes.values() if r.matches(topic)]
+            self._match_cache[topic] = found
+        return found
 
     def _message(self, p: w.Publish) -> Message:
         msg = Message(p.topic, p.payload, retain=p.retain)
