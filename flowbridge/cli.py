@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mqtt-port", type=_port, metavar="PORT", help="port of the embedded MQTT broker"
     )
     run.add_argument(
+        "--watch",
+        action="store_true",
+        help="reload the mapping files when they change (SIGHUP always reloads)",
+    )
+    run.add_argument(
         "--http",
         metavar="HOST:PORT",
         help="serve health and metrics over HTTP on this address (e.g. 127.0.0.1:8080)",

@@ -159,6 +159,11 @@ class RouteRunner:
         self.dead_letter: DeadLetter | None = dl
         self.dead_adapter = bridge.adapters[dl.broker] if dl else None
 
+    def refresh(self) -> None:
+        """Recompute what depends on other routes (after a reload)."""
+        for t in self.targets:
+            t.watchers = self.bridge.watchers(t.spec.broker)
+
     def describe(self) -> str:
         parts = [
             f"{t.spec.broker} ({t.spec.protocol}"
@@ -346,9 +351,13 @@ class RouteRunner:
     async def _dead_letter(
         self, batch: list[Delivery], dead: list[tuple[int, str, str]], stop: asyncio.Event | None
     ) -> None:
+        now = time.time()
         for i, target, reason in dead:
             kind = reason.split(":", 1)[0]
             self.stats.dead_lettered[kind] += 1
+            self.bridge.recent_dead.append(
+                DeadLetterRecord(now, self.name, batch[i].message.topic, target, reason)
+            )
             self.bridge.once(
                 logging.ERROR,
                 self.name,
@@ -396,21 +405,33 @@ _GAVE_UP = object()
 
 
 class Bridge:
-    """Every broker connection and route of one configuration."""
+    """Every broker connection and route of one configuration; ``reload`` swaps in a new one
+    without touching the routes it leaves unchanged."""
 
     def __init__(self, config: Config, adapters: Mapping[str, Adapter] | None = None) -> None:
         self.config = config
         self.adapters: dict[str, Adapter] = dict(adapters or {})
+        self._add_adapters(config)
+        self.echo = EchoGuard()
+        self.once = _OnceLog()
+        self.abandon = asyncio.Event()
+        self.recent_dead: collections.deque[DeadLetterRecord] = collections.deque(maxlen=100)
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._runners: dict[str, RouteRunner] = {}
+        self._route_stop: dict[str, asyncio.Event] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._failed: asyncio.Future[BaseException] | None = None
+
+    @property
+    def runners(self) -> list[RouteRunner]:
+        return list(self._runners.values())
+
+    def _add_adapters(self, config: Config) -> None:
         for name, broker in config.brokers.items():
             if name not in self.adapters:
                 self.adapters[name] = broker.adapter(
                     name, broker.url, broker.options, broker.backoff
                 )
-        self.echo = EchoGuard()
-        self.once = _OnceLog()
-        self.abandon = asyncio.Event()
-        self._connecting: dict[str, asyncio.Task[None]] = {}
-        self.runners = [RouteRunner(self, r) for r in config.routes]
 
     def watchers(self, broker: str) -> list[tuple[str, Filter, str]]:
         """Routes that read ``broker`` where echoes cannot be recognised by header."""
@@ -423,50 +444,128 @@ class Bridge:
         ]
 
     async def connected(self, route: Route) -> None:
-        names = {route.source.broker, *(t.broker for t in route.targets)}
-        if route.dead_letter:
-            names.add(route.dead_letter.broker)
-        await asyncio.gather(*(self._connecting[n] for n in names))
+        await asyncio.gather(*(self._connecting[n] for n in _brokers_of(route)))
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Connect, run every route until ``stop`` is set, then shut down gracefully."""
-        used = {r.source.broker for r in self.config.routes}
-        for r in self.config.routes:
-            used.update(t.broker for t in r.targets)
-            if r.dead_letter:
-                used.add(r.dead_letter.broker)
-        for name in used:
-            self._connecting[name] = asyncio.ensure_future(self._connect(name))
-        tasks = [asyncio.ensure_future(runner.run(stop)) for runner in self.runners]
-        failure: BaseException | None = None
-        waiter = asyncio.ensure_future(stop.wait())
-        try:
-            pending = {*tasks, *self._connecting.values(), waiter}
-            while not stop.is_set():
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task is not waiter and not task.cancelled() and task.exception():
-                        failure = task.exception()
-                        stop.set()
-                if not pending - {waiter}:
-                    break
-            # Intake stops at the next batch boundary; in-flight batches finish, within grace.
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        """Every broker a route needs is connected and subscribed; per broker, what is not."""
+        problems: dict[str, str] = {}
+        for name in sorted(_used(self.config)):
+            h = self.adapters[name].health()
+            if not h.ok:
+                problems[name] = h.detail or (
+                    h.state.value
+                    if not h.subscribed or h.state.value != "connected"
+                    else "not subscribed"
+                )
+        return not problems, problems
+
+    def _watch(self, task: asyncio.Task[None]) -> None:
+        def done(t: asyncio.Task[None]) -> None:
+            if t.cancelled() or self._failed is None or self._failed.done():
+                return
+            exc = t.exception()
+            if exc is not None:
+                self._failed.set_result(exc)
+
+        task.add_done_callback(done)
+
+    def _connect_all(self, names: set[str]) -> None:
+        for name in names:
+            if name not in self._connecting:
+                task = asyncio.ensure_future(self._connect(name))
+                self._watch(task)
+                self._connecting[name] = task
+
+    def _start_route(self, route: Route) -> None:
+        runner = RouteRunner(self, route)
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(runner.run(stop))
+        self._watch(task)
+        self._runners[route.name] = runner
+        self._route_stop[route.name] = stop
+        self._tasks[route.name] = task
+
+    async def _stop_routes(self, names: list[str]) -> None:
+        """Stop intake of these routes; in-flight batches finish within the grace period."""
+        for name in names:
+            self._route_stop[name].set()
+        tasks = [self._tasks[name] for name in names]
+        if tasks:
             _, late = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE)
             if late:
                 self.abandon.set()
                 _, late = await asyncio.wait(late, timeout=2.0)
                 for task in late:
                     task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for name in names:
+            del self._runners[name], self._route_stop[name], self._tasks[name]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, run every route until ``stop`` is set, then shut down gracefully."""
+        self._failed = asyncio.get_running_loop().create_future()
+        self._connect_all(_used(self.config))
+        for route in self.config.routes:
+            self._start_route(route)
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        failed: asyncio.Future[Any] = self._failed
+        try:
+            await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
-            for task in self._connecting.values():
+            try:
+                await self._stop_routes(list(self._runners))
+            finally:
+                for task in self._connecting.values():
+                    task.cancel()
+                await asyncio.gather(
+                    *(a.close() for a in self.adapters.values()), return_exceptions=True
+                )
+        if self._failed.done():
+            raise self._failed.result()
+
+    async def reload(self, new: Config) -> list[str]:
+        """Swap in ``new``: routes and brokers that did not change keep running untouched;
+        the rest are stopped (in-flight batches finish) and started again.  Returns what
+        changed, for the log."""
+        old = self.config
+        changed_brokers = {
+            n
+            for n, b in old.brokers.items()
+            if n not in new.brokers or _broker_key(b) != _broker_key(new.brokers[n])
+        }
+        new_routes = {r.name: r for r in new.routes}
+        stop = [
+            r.name
+            for r in old.routes
+            if r.name not in new_routes
+            or _route_key(r) != _route_key(new_routes[r.name])
+            or _brokers_of(r) & changed_brokers
+        ]
+        await self._stop_routes(stop)
+        for name in changed_brokers:
+            task = self._connecting.pop(name, None)
+            if task:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(
-                *(a.close() for a in self.adapters.values()), return_exceptions=True
-            )
-        if failure is not None:
-            raise failure
+            adapter = self.adapters.pop(name, None)
+            if adapter is not None:
+                await adapter.close()
+        self.config = new
+        self._add_adapters(new)
+        self._connect_all(_used(new))
+        started = [r.name for r in new.routes if r.name not in self._runners]
+        for route in new.routes:
+            if route.name in started:
+                self._start_route(route)
+        for runner in self._runners.values():
+            runner.refresh()
+        for name in set(self.adapters) - set(new.brokers):
+            await self.adapters.pop(name).close()
+        changes = [f"stopped {n}" for n in stop if n not in new_routes]
+        changes += [f"restarted {n}" for n in stop if n in new_routes]
+        changes += [f"started {n}" for n in started if n not in stop]
+        changes += [f"reconnected {n}" for n in sorted(changed_brokers & set(new.brokers))]
+        return changes
 
     async def _connect(self, name: str) -> None:
         adapter = self.adapters[name]
@@ -474,7 +573,48 @@ class Bridge:
         log.info("broker %s connected (%s)", name, _redact(adapter.url))
 
     def stats(self) -> dict[str, RouteStats]:
-        return {r.name: r.stats for r in self.runners}
+        return {name: r.stats for name, r in self._runners.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    time: float
+    route: str
+    topic: str
+    target: str
+    reason: str
+
+
+def _brokers_of(route: Route) -> set[str]:
+    names = {route.source.broker, *(t.broker for t in route.targets)}
+    if route.dead_letter:
+        names.add(route.dead_letter.broker)
+    return names
+
+
+def _used(config: Config) -> set[str]:
+    used: set[str] = set()
+    for r in config.routes:
+        used |= _brokers_of(r)
+    return used
+
+
+def _broker_key(b: Any) -> tuple[Any, ...]:
+    return (b.url, b.protocol, b.options, b.backoff)
+
+
+def _route_key(r: Route) -> tuple[Any, ...]:
+    s = r.source
+    return (
+        s.broker,
+        s.filter_text,
+        s.group,
+        s.options,
+        tuple((t.broker, t.topic, t.options) for t in r.targets),
+        r.delivery,
+        r.max_in_flight,
+        r.dead_letter,
+    )
 
 
 def _redact(url: str) -> str:
@@ -581,7 +721,20 @@ async def _run(args: Any) -> int:
             )
         config = load(files, environ=environ)
         bridge = Bridge(config)
-        await bridge.run(stop)
+        reloads: set[asyncio.Task[None]] = set()
+
+        def reload() -> None:
+            task = asyncio.ensure_future(_reload(bridge, files, environ))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        watcher = asyncio.ensure_future(_watch(files, reload)) if args.watch else None
+        try:
+            await bridge.run(stop)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         for name, st in bridge.stats().items():
             log.info(
                 "route %s: received %d, forwarded %d, echoes suppressed %d, dead-lettered %d, "
@@ -594,3 +747,41 @@ async def _run(args: Any) -> int:
                 sum(st.dropped.values()),
             )
     return 0
+
+
+async def _reload(bridge: Bridge, files: list[str], environ: Mapping[str, str]) -> None:
+    """Load the mapping files again and apply them; a file with errors changes nothing."""
+    from flowbridge.config import load  # noqa: PLC0415
+
+    try:
+        config = load(files, environ=environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload rejected, the running routes stay: %s", problem)  # noqa: TRY400
+        return
+    changes = await bridge.reload(config)
+    log.info("reloaded %s: %s", ", ".join(files), "; ".join(changes) or "nothing changed")
+
+
+async def _watch(files: list[str], reload: Any, every: float = 1.0) -> None:
+    """``--watch``: reload when a mapping file's modification time or size changes."""
+    import os  # noqa: PLC0415
+
+    def state() -> list[tuple[float, int] | None]:
+        out: list[tuple[float, int] | None] = []
+        for f in files:
+            try:
+                st = os.stat(f)
+            except OSError:
+                out.append(None)
+            else:
+                out.append((st.st_mtime, st.st_size))
+        return out
+
+    last = state()
+    while True:
+        await asyncio.sleep(every)
+        now = state()
+        if now != last:
+            last = now
+            reload()

@@ -276,3 +276,57 @@ routes:
     assert first.topic == "sensors.room__20_1.temp"
     assert second.topic == "rooms.room__20_1"
     assert first.key == second.key == b"sensors/room 1/temp"  # the real topic, not the filter
+
+
+async def test_reload_keeps_unchanged_routes_and_swaps_the_rest(
+    start: Callable[..., Awaitable[Running]], tmp_path: Path
+) -> None:
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "u/#"}
+    to: [{broker: core}]
+  - name: down
+    from: {broker: core, filter: "d.>"}
+    to: [{broker: edge}]
+"""
+    )
+    up_runner = run.bridge._runners["up"]
+    broker("edge").deliver(Message("u/1", b"1"))
+    await settle(lambda: len(broker("core").published) == 1)
+    new = tmp_path / "new.yaml"
+    new.write_text(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: edge, filter: "u/#"}
+    to: [{broker: core}]
+  - name: down
+    from: {broker: core, filter: "e.>"}
+    to: [{broker: edge}]
+  - name: extra
+    from: {broker: edge, filter: "x/#"}
+    to: [{broker: core}]
+"""
+    )
+    changes = await run.bridge.reload(load([str(new)], environ={}, registry=REGISTRY))
+    assert changes == ["restarted down", "started extra"]
+    assert run.bridge._runners["up"] is up_runner  # untouched: no loss, no duplicate
+    await asyncio.sleep(0.05)
+    broker("edge").deliver(Message("u/2", b"2"))
+    broker("edge").deliver(Message("x/3", b"3"))
+    broker("core").deliver(Message("d.4", b"4"))  # no longer routed
+    broker("core").deliver(Message("e.5", b"5"))
+    await settle(lambda: len(broker("core").published) == 5 and len(broker("edge").published) == 4)
+    await asyncio.sleep(0.05)
+    assert [m.payload for m in broker("core").published if m.payload != b"4"] == [
+        b"1",
+        b"2",
+        b"3",
+        b"5",
+    ]
+    assert [m.topic for m in broker("edge").published][-1] == "e/5"
+    assert up_runner.stats.forwarded == 2
