@@ -322,11 +322,7 @@ routes:
     broker("core").deliver(Message("e.5", b"5"))
     await settle(lambda: len(broker("core").published) == 5 and len(broker("edge").published) == 4)
     await asyncio.sleep(0.05)
-    assert [m.payload for m in broker("core").published if m.payload != b"4"] == [
-        b"1",
-        b"2",
-        b"3",
-        b"5",
-    ]
+    # u/2 and x/3 were bridged; d.4 and e.5 were published on core directly.
+    assert sorted(m.payload for m in broker("core").published) == [b"1", b"2", b"3", b"4", b"5"]
     assert [m.topic for m in broker("edge").published][-1] == "e/5"
     assert up_runner.stats.forwarded == 2
