@@ -15,11 +15,12 @@ that many copies when they come back.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,17 +42,31 @@ _OWN = frozenset((SOURCE_PROTOCOL, SOURCE_TOPIC))
 SHUTDOWN_GRACE = 10.0
 
 
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
 @dataclass
 class RouteStats:
+    """Counters of one route, read by the metrics endpoint and the status page."""
+
     received: int = 0
     forwarded: int = 0  # messages accepted by a target (one per target)
     bytes_in: int = 0
+    bytes_out: int = 0
     echo_suppressed: int = 0
     filtered: int = 0  # '$' topics a leading wildcard must not match
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
     retries: int = 0
     in_flight: int = 0
+    # Forwarding latency (batch taken from the source -> every target confirmed), per message.
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float, n: int) -> None:
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        self.latency_counts[i] += n
+        self.latency_sum += seconds * n
 
 
 class EchoGuard:
@@ -203,6 +218,7 @@ class RouteRunner:
         """Forward one batch; returns once every message is delivered or dead-lettered, then
         acks the batch."""
         st = self.stats
+        started = time.monotonic()
         st.received += len(batch)
         st.in_flight = len(batch)
         targets = self.targets
@@ -266,6 +282,7 @@ class RouteRunner:
         for d in batch:
             d.ack()
         st.in_flight = 0
+        st.observe(time.monotonic() - started, len(batch))
 
     async def _publish(
         self,
@@ -282,11 +299,13 @@ class RouteRunner:
             return
         if outcome is None:
             self.stats.forwarded += len(msgs)
+            self.stats.bytes_out += sum(len(m.payload) for m in msgs)
             return
-        assert isinstance(outcome, list)
+        assert isinstance(outcome, Sequence)
         for k, err in enumerate(outcome):
             if err is None:
                 self.stats.forwarded += 1
+                self.stats.bytes_out += len(msgs[k].payload)
             else:
                 dead.append((index[k], t.spec.broker, err.reason))
 
