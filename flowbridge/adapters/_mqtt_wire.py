@@ -628,6 +628,7 @@ class Parser:
                     props = None
                     if v5:
                         if j < end and buf[j] == 0:
+                            props = {}
                             j += 1  # no properties: the common case, skip the reader
                         else:
                             r = _Reader(buf, j, end)
