@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from flowbridge.adapters import _mqtt_wire as w
-from flowbridge.adapters.mqtt import format_timestamp, parse_timestamp
+from flowbridge.adapters.base import Backoff, Subscription
+from flowbridge.adapters.mqtt import (
+    MqttAdapter,
+    MqttBrokerOptions,
+    format_timestamp,
+    parse_timestamp,
+)
 from flowbridge.errors import FlowbridgeError
 
 ALL_PROPS: w.Props = {
@@ -242,3 +250,56 @@ def test_timestamp_text() -> None:
     assert format_timestamp(1_700_000_000.123) == "2023-11-14T22:13:20.123Z"
     assert parse_timestamp("2023-11-14T22:13:20.123Z") == pytest.approx(1_700_000_000.123)
     assert parse_timestamp("not a time") is None
+
+
+class _Transport:
+    """Records what the connection writes, one entry per write call."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes.append(b"".join(data))
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_acks_go_out_in_arrival_order_in_one_write() -> None:
+    adapter = MqttAdapter("t", "mqtt://127.0.0.1:1", MqttBrokerOptions(), Backoff())
+    conn = w.MqttConnection(version=w.V5, on_publish=adapter._on_publish, on_lost=adapter._on_lost)
+    transport = _Transport()
+    conn.transport = transport  # type: ignore[assignment]
+    it = adapter.subscribe(Subscription("r", ("a/#",), durable=True))
+    first = asyncio.ensure_future(anext(it))
+    await asyncio.sleep(0)  # the route registers; not connected, so no SUBSCRIBE yet
+    stream = b"".join(
+        w.encode(w.Publish("a/x", str(i).encode(), qos, packet_id=i + 1, properties={}))
+        for i, qos in enumerate([1, 2, 1, 0])
+    )
+    conn.data_received(stream)
+    batch = await first
+    assert [d.message.payload for d in batch] == [b"0", b"1", b"2", b"3"]
+    batch[2].ack()
+    batch[3].ack()  # QoS 0: nothing to send
+    await asyncio.sleep(0)
+    assert transport.writes == []  # the first has not been acked: nothing may go out
+    batch[0].ack()
+    await asyncio.sleep(0)
+    assert transport.writes == [w.encode(w.PubAck(1))]
+    batch[1].ack()
+    await asyncio.sleep(0)
+    # PUBREC for the QoS 2 message, then the already-acked third, in one write.
+    assert transport.writes[1:] == [w.encode(w.PubRec(2)) + w.encode(w.PubAck(3))]
+    first_gen_delivery = batch[0]
+    adapter._adopt(conn)  # as after a reconnect: old acks are void
+    first_gen_delivery.ack()
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 2
+    await it.aclose()  # type: ignore[attr-defined]
