@@ -193,7 +193,7 @@ class RouteRunner:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bridge.connected(self.route)
         log.info("%s", self.describe())
-        batches = self.source.subscribe(self.route.subscription()).__aiter__()
+        batches = self.source.subscribe(self.route.subscription())
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -212,7 +212,7 @@ class RouteRunner:
         finally:
             stopping.cancel()
             with contextlib.suppress(Exception):
-                await batches.aclose()  # type: ignore[attr-defined]
+                await batches.aclose()
 
     async def handle(self, batch: list[Delivery], stop: asyncio.Event | None = None) -> None:
         """Forward one batch; returns once every message is delivered or dead-lettered, then

@@ -12,7 +12,7 @@ import abc
 import asyncio
 import enum
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -162,7 +162,7 @@ class Adapter(abc.ABC):
         """Flush pending acks and publishes, then disconnect.  Idempotent."""
 
     @abc.abstractmethod
-    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         """Batches of deliveries for ``sub``, across reconnects, until ``close``."""
 
     @abc.abstractmethod

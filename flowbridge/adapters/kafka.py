@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
@@ -596,10 +596,10 @@ class KafkaAdapter(Adapter):
 
     # -- source -------------------------------------------------------------------------
 
-    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         return self._deliveries(sub)
 
-    async def _deliveries(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    async def _deliveries(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         if self._closed:
             return
         source = _Source(self, sub)

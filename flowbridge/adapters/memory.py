@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -109,7 +109,7 @@ class MemoryAdapter(Adapter):
         self.state = ConnState.CLOSED
         self._closed.set()
 
-    async def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    async def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         q = _Queue(sub.filters, self.protocol, asyncio.Queue(), self)
         self.broker.queues.append(q)
         settler = _Settler(q)

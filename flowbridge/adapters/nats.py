@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -657,10 +657,10 @@ class NatsAdapter(Adapter):
 
     # ---- source -----------------------------------------------------------------------
 
-    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         return self._iterate(sub)
 
-    async def _iterate(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    async def _iterate(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         nc = self._nc
         if nc is None:
             raise FlowbridgeError(f"broker {self.name}: subscribe before connect")
