@@ -18,7 +18,7 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -226,7 +226,8 @@ class MqttAdapter(Adapter):
             conn.server_receive_max = min(conn.server_receive_max, self.opts.send_maximum)
         if connack.session_present:
             if self._qos2_unreleased:
-                conn.release(self._qos2_unreleased)
+                for fut in conn.release(self._qos2_unreleased):
+                    fut.add_done_callback(_consume)
         else:
             for route in self._routes.values():
                 route.active = False
@@ -313,6 +314,10 @@ class MqttAdapter(Adapter):
         if self._closed:
             return
         self._closed = True
+        # A kept session must not go on collecting messages for routes that are not
+        # durable; durable ones keep their subscriptions (and queued messages).  Taken now:
+        # the routes end once woken.
+        transient = [f for r in self._routes.values() if not r.sub.durable for f in r.filters]
         for route in self._routes.values():
             route.wake.set()
         if self._supervisor is not None:
@@ -324,6 +329,9 @@ class MqttAdapter(Adapter):
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.flush()  # acks queued so far go out before DISCONNECT
+            if transient and not self.opts.clean_start:
+                with contextlib.suppress(w.MqttError, TimeoutError):
+                    await conn.unsubscribe(transient, reply_timeout=2.0)
             await conn.disconnect()
         self._state = ConnState.CLOSED
         self._connected.clear()
@@ -351,10 +359,10 @@ class MqttAdapter(Adapter):
 
     # ------------------------------------------------------------------ receiving
 
-    def subscribe(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         return self._deliveries(sub)
 
-    async def _deliveries(self, sub: Subscription) -> AsyncIterator[list[Delivery]]:
+    async def _deliveries(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
         opts = sub.options if isinstance(sub.options, MqttSourceOptions) else MqttSourceOptions()
         if sub.durable:
             if opts.qos == 0:

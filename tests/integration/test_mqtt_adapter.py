@@ -277,6 +277,32 @@ async def test_persistent_session_survives_bridge_restart(
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+async def test_close_drops_only_transient_subscriptions(
+    mqtt_url: str, unique: str, version: str
+) -> None:
+    cid = f"fbt-{unique}"
+    keep, drop = f"fbt/{unique}/keep", f"fbt/{unique}/drop"
+    try:
+        async with running(make(mqtt_url, version, client_id=cid)) as a:
+            r1 = Reader(a, Subscription("durable", (keep,), durable=True))
+            r2 = Reader(a, Subscription("transient", (drop,), durable=False))
+            await r1.ready()
+            await r2.ready()
+        async with native(mqtt_url, version) as pub:
+            await pub.publish(drop, b"d", qos=1)
+            await pub.publish(keep, b"k", qos=1)
+        async with running(make(mqtt_url, version, client_id=cid)) as a:
+            reader = Reader(a, Subscription("durable", (keep,), durable=True))
+            await reader.wait(1)
+            await asyncio.sleep(0.3)
+            assert reader.payloads() == [b"k"]
+            assert not a._orphans  # nothing arrived for the transient route
+            await reader.stop()
+    finally:
+        await forget_session(mqtt_url, version, cid)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 async def test_in_flight_is_bounded(mqtt_url: str, unique: str, version: str) -> None:
     topic = f"fbt/{unique}/bound"
     async with running(make(mqtt_url, version, clean_start=True, receive_maximum=20)) as a:
