@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -469,6 +469,23 @@ class NatsAdapter(Adapter):
         while True:
             nc = _Client()
             nc.fb_errors = self._handler_error
+            dial_errors: list[Exception] = []
+
+            def only_adopted(
+                cb: Callable[..., Awaitable[None]],
+                nc: _Client = nc,
+                dial_errors: list[Exception] = dial_errors,
+            ) -> Callable[..., Awaitable[None]]:
+                # A dial that fails closes its client: those events are not a lost
+                # connection (and must not start a second dial loop).
+                async def event(*args: Any) -> None:
+                    if nc is self._nc:
+                        await cb(*args)
+                    elif args and isinstance(args[0], Exception):
+                        dial_errors.append(args[0])  # the real cause behind NoServersError
+
+                return event
+
             try:
                 await nc.connect(
                     servers=[self.url],
@@ -485,16 +502,17 @@ class NatsAdapter(Adapter):
                     ping_interval=self.opts.ping_interval,  # type: ignore[arg-type]
                     max_outstanding_pings=self.opts.max_outstanding_pings,
                     pending_size=self.opts.outbound_buffer,
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnected,
-                    reconnected_cb=self._on_reconnected,
-                    closed_cb=self._on_closed,
+                    error_cb=only_adopted(self._on_error),
+                    disconnected_cb=only_adopted(self._on_disconnected),
+                    reconnected_cb=only_adopted(self._on_reconnected),
+                    closed_cb=only_adopted(self._on_closed),
                 )
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 failures += 1
-                cause = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                real = dial_errors[-1] if dial_errors else exc
+                cause = f"{type(real).__name__}: {real}".rstrip(": ")
                 if attempts is not None and failures >= attempts:
                     raise ConnectError(
                         f"broker {self.name} ({_redact(self.url)}): {cause}"
