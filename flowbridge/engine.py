@@ -740,6 +740,11 @@ async def _run(args: Any) -> int:
             )
         config = load(files, environ=environ)
         bridge = Bridge(config)
+        if getattr(args, "http", None):
+            from flowbridge.ops import serve  # noqa: PLC0415  (prometheus-client only when asked)
+
+            # Up before the brokers connect: /healthz answers and /readyz says what is missing.
+            await stack.enter_async_context(serve(bridge, args.http, stopping=stop))
         reloads: set[asyncio.Task[None]] = set()
 
         def reload() -> None:
