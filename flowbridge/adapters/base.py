@@ -128,7 +128,6 @@ class Adapter(abc.ABC):
     """
 
     protocol: ClassVar[str]
-    supports_headers: ClassVar[bool] = True
     BrokerOptions: ClassVar[type[Options]] = Options
     SourceOptions: ClassVar[type[Options]] = Options
     TargetOptions: ClassVar[type[Options]] = Options
@@ -139,6 +138,11 @@ class Adapter(abc.ABC):
         self.options = options
         self.backoff = backoff
         self.log = logging.getLogger(f"flowbridge.broker.{name}")
+
+    @property
+    def supports_headers(self) -> bool:
+        """Whether messages carry headers and properties (not MQTT 3.1.1)."""
+        return True
 
     @classmethod
     def check_source(cls, options: Options, *, durable: bool) -> str | None:

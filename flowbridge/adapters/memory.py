@@ -187,7 +187,10 @@ class MemoryMqtt(MemoryAdapter):
 
 class MemoryMqtt311(MemoryAdapter):
     protocol = "mqtt"
-    supports_headers = False
+
+    @property
+    def supports_headers(self) -> bool:
+        return False
 
 
 class MemoryAmqp(MemoryAdapter):

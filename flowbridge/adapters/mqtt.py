@@ -174,7 +174,7 @@ class MqttAdapter(Adapter):
 
     # MQTT 3.1.1 has no properties, so it carries no headers.
     @property
-    def supports_headers(self) -> bool:  # type: ignore[override]
+    def supports_headers(self) -> bool:
         return self.version == w.V5
 
     @classmethod

@@ -162,7 +162,8 @@ class Mosquitto(_Process):
     def command(self) -> list[str]:
         conf = os.path.join(self.workdir, "mosquitto.conf")
         Path(conf).write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            # As root mosquitto would switch to its own user, which cannot write the store here.
+            f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.workdir}/\nmax_queued_messages 100000\n"
         )
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
