@@ -51,7 +51,7 @@ def scrub(text: str) -> str:
     return _SECRET_PARAM.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", text))
 
 
-_Sample = tuple[int, int, int, int]  # received, forwarded, bytes_in, bytes_out
+_Sample = tuple[int, int, int, int, int]  # id of the RouteStats, received, forwarded, bytes
 
 
 class RateMeter:
@@ -67,7 +67,13 @@ class RateMeter:
 
     def sample(self, now: float, stats: dict[str, RouteStats]) -> None:
         self._samples.append(
-            (now, {n: (s.received, s.forwarded, s.bytes_in, s.bytes_out) for n, s in stats.items()})
+            (
+                now,
+                {
+                    n: (id(s), s.received, s.forwarded, s.bytes_in, s.bytes_out)
+                    for n, s in stats.items()
+                },
+            )
         )
 
     def rates(self) -> dict[str, dict[str, float]]:
@@ -76,22 +82,26 @@ class RateMeter:
             return out
         t1, last = self._samples[-1]
         for name, now in last.items():
-            # The oldest sample this route's counters grew from (a reload restarts them).
-            for t0, older in self._samples:
+            # Back to the oldest sample of the same, steadily growing counters: a reload
+            # restarts a route with new stats, which must not read as a negative rate.
+            t0, first = t1, now
+            for t, older in reversed(list(self._samples)[:-1]):
                 before = older.get(name)
                 if (
-                    t0 < t1
-                    and before is not None
-                    and all(a <= b for a, b in zip(before, now, strict=True))
+                    before is None
+                    or before[0] != first[0]
+                    or any(a > b for a, b in zip(before[1:], first[1:], strict=True))
                 ):
-                    dt = t1 - t0
-                    out[name] = {
-                        "in": (now[0] - before[0]) / dt,
-                        "out": (now[1] - before[1]) / dt,
-                        "bytes_in": (now[2] - before[2]) / dt,
-                        "bytes_out": (now[3] - before[3]) / dt,
-                    }
                     break
+                t0, first = t, before
+            if t0 < t1:
+                dt = t1 - t0
+                out[name] = {
+                    "in": (now[1] - first[1]) / dt,
+                    "out": (now[2] - first[2]) / dt,
+                    "bytes_in": (now[3] - first[3]) / dt,
+                    "bytes_out": (now[4] - first[4]) / dt,
+                }
         return out
 
 
