@@ -630,6 +630,16 @@ class Parser:
                         if j < end and buf[j] == 0:
                             props = {}
                             j += 1  # no properties: the common case, skip the reader
+                        elif (
+                            j + 2 < end
+                            and buf[j] == 2
+                            and buf[j + 1] == SUBSCRIPTION_ID
+                            and buf[j + 2] < 0x80
+                        ):
+                            # Only a one-byte subscription identifier: what a broker adds to
+                            # every message for a client that numbers its subscriptions.
+                            props = {SUBSCRIPTION_ID: [buf[j + 2]]}
+                            j += 3
                         else:
                             r = _Reader(buf, j, end)
                             props = r.props()

@@ -78,15 +78,24 @@ def parse_timestamp(text: str) -> float | None:
     return dt.timestamp()
 
 
+_LINES: dict[tuple[str, str], bytes] = {}
+_LINES_MAX = 4096
+
+
 def _line(block: bytearray, name: str, value: str) -> None:
-    if _BAD_NAME.search(name) or not name:
-        raise WireError(f"header name {name!r} is not a token (empty, space, ':' or non-ASCII)")
-    if "\r" in value or "\n" in value:
-        raise WireError(f"header {name!r}: value has CR or LF, which NATS headers cannot carry")
-    block += name.encode("ascii")
-    block += b": "
-    block += value.encode("utf-8", "surrogateescape")
-    block += CRLF
+    # The same few headers repeat on every message (the bridge's own, a topic's): validate and
+    # encode each distinct line once.
+    line = _LINES.get((name, value))
+    if line is None:
+        if _BAD_NAME.search(name) or not name:
+            raise WireError(f"header name {name!r} is not a token (empty, space, ':' or non-ASCII)")
+        if "\r" in value or "\n" in value:
+            raise WireError(f"header {name!r}: value has CR or LF, which NATS headers cannot carry")
+        line = b"%s: %s\r\n" % (name.encode("ascii"), value.encode("utf-8", "surrogateescape"))
+        if len(_LINES) >= _LINES_MAX:
+            _LINES.clear()
+        _LINES[(name, value)] = line
+    block += line
 
 
 def encode_headers(msg: Message, extra: Headers | None = None) -> bytes | None:
