@@ -14,14 +14,15 @@ STATUS_PAGE = b"""<!doctype html>
 <title>flowbridge status</title>
 <link rel="icon" href="data:,">
 <style>
-  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.2em 2em;
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1em 1.5em;
          color: #1d2329; background: #fafbfc; }
   h1 { font-size: 1.4em; margin: 0 0 .2em; }
   h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
   table { border-collapse: collapse; width: 100%; background: #fff; }
-  th, td { border-bottom: 1px solid #e3e6ea; padding: .3em .6em;
+  th, td { border-bottom: 1px solid #e3e6ea; padding: .3em .45em;
            text-align: left; vertical-align: top; }
-  th { background: #f0f2f5; font-weight: 600; white-space: nowrap; }
+  th { background: #f0f2f5; font-weight: 600; }
+  .nowrap { white-space: nowrap; }
   td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
   code { font: 13px ui-monospace, monospace; }
   .badge { display: inline-block; padding: .05em .55em; border-radius: .8em;
@@ -35,7 +36,8 @@ STATUS_PAGE = b"""<!doctype html>
 </style>
 </head>
 <body>
-<h1>flowbridge <span id="bridge-id"></span> <span id="ready" class="badge warn">loading</span></h1>
+<h1>flowbridge <span class="muted">bridge <span id="bridge-id"></span></span>
+<span id="ready" class="badge warn">loading</span></h1>
 <div id="meta" class="muted">updated <span id="updated">never</span> <span id="error"></span></div>
 <noscript><p>This page needs JavaScript to update; the same data is at
 <a href="api/status">api/status</a> (JSON) and <a href="metrics">metrics</a>.</p></noscript>
@@ -51,8 +53,8 @@ STATUS_PAGE = b"""<!doctype html>
 <table id="routes">
 <thead><tr><th>route</th><th>source</th><th>targets</th><th>delivery</th>
 <th class="n">in msg/s</th><th class="n">out msg/s</th><th class="n">received</th>
-<th class="n">forwarded</th><th class="n">dead-lettered</th><th class="n">dropped</th>
-<th class="n">in flight</th><th class="n">echoes</th></tr></thead>
+<th class="n">forwarded</th><th class="n">dead-<br>lettered</th><th class="n">dropped</th>
+<th class="n">in<br>flight</th><th class="n">echoes<br>stopped</th></tr></thead>
 <tbody></tbody>
 </table>
 
@@ -111,7 +113,7 @@ function render(doc) {
     cell(tr, badge(b.state, b.state === "connected")).className = "state";
     cell(tr, b.subscribed ? "yes" : "no");
     cell(tr, num(b.reconnects), "n");
-    cell(tr, b.detail, "muted");
+    cell(tr, b.detail === b.url ? "" : b.detail, "muted");
     return tr;
   }), 7, "no brokers in use");
 
@@ -121,7 +123,9 @@ function render(doc) {
   fill(document.getElementById("routes"), doc.routes.map(r => {
     let rin = r.rate.in, rout = r.rate.out;
     const p = before[r.name];
-    if (p && dt > 0 && r.received >= p.received && r.forwarded >= p.forwarded) {
+    // Own rates from successive polls; the server's (over its last seconds) when polls came
+    // too close together to say anything, or the route was restarted in between.
+    if (p && dt >= 0.5 && r.received >= p.received && r.forwarded >= p.forwarded) {
       rin = (r.received - p.received) / dt;
       rout = (r.forwarded - p.forwarded) / dt;
     }
@@ -131,7 +135,7 @@ function render(doc) {
     cell(tr, el("code", r.source.broker + " " + r.source.filter));
     const targets = r.targets.map(t => t.broker + (t.topic ? " " + t.topic : ""));
     cell(tr, el("code", "\\u2192 " + targets.join(", ")));
-    cell(tr, r.delivery);
+    cell(tr, r.delivery, "nowrap");
     cell(tr, rate(rin), "n in-rate");
     cell(tr, rate(rout), "n out-rate");
     cell(tr, num(r.received), "n received");
