@@ -1,14 +1,16 @@
 """Prometheus metrics, read from the bridge's own counters at scrape time.
 
 Nothing here runs per message: the engine keeps plain integers in ``RouteStats`` and the
-adapters report ``Health``; ``BridgeCollector.collect`` turns whatever is there when
-Prometheus asks into metric families.  Routes restarted by a reload start from zero again,
+adapters report ``Health``; a scrape copies them (``Snapshot``, cheap, on the event loop) and
+builds the metric families from the copy, which the HTTP server does in a worker thread so a
+large scrape never stalls forwarding.  Routes restarted by a reload start from zero again,
 which Prometheus treats as an ordinary counter reset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR
@@ -18,15 +20,17 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 
-from flowbridge.adapters.base import ConnState
+from flowbridge.adapters.base import ConnState, Health
 from flowbridge.engine import LATENCY_BUCKETS, RouteStats
 
 if TYPE_CHECKING:
     from flowbridge.config import Config
     from flowbridge.engine import Bridge
 
+# prometheus-client's process, platform and GC collectors: read-only, fine in any thread.
+STANDARD: tuple[Collector, ...] = (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR)
 _STATES = tuple(s.value for s in ConnState)
 _BUCKET_LABELS = tuple(f"{b:g}" for b in LATENCY_BUCKETS)
 
@@ -42,6 +46,36 @@ def used_brokers(config: Config) -> list[str]:
     return sorted(names)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The bridge's counters at one instant, safe to read from another thread."""
+
+    config: Config  # frozen models, swapped whole by a reload
+    stats: dict[str, RouteStats]  # copies
+    health: dict[str, Health]  # fresh objects from each adapter
+    ready: bool
+    echo_evicted: int
+
+    @classmethod
+    def of(cls, bridge: Bridge) -> Snapshot:
+        config = bridge.config
+        stats = {
+            name: dataclasses.replace(
+                st,
+                dead_lettered=st.dead_lettered.copy(),
+                dropped=st.dropped.copy(),
+                latency_counts=list(st.latency_counts),
+            )
+            for name, st in bridge.stats().items()
+        }
+        health = {
+            name: bridge.adapters[name].health()
+            for name in used_brokers(config)
+            if name in bridge.adapters
+        }
+        return cls(config, stats, health, bridge.ready()[0], bridge.echo.evicted)
+
+
 class BridgeCollector:
     """A prometheus-client collector over one running ``Bridge``."""
 
@@ -49,169 +83,180 @@ class BridgeCollector:
         self.bridge = bridge
 
     def describe(self) -> Iterator[Metric]:
-        # Registering must not read a bridge that may not be running yet: names only.
-        return self._families({}, [])
+        # Names only: registering must not depend on the bridge's state.
+        return families(dataclasses.replace(Snapshot.of(self.bridge), stats={}, health={}))
 
     def collect(self) -> Iterator[Metric]:
-        bridge = self.bridge
-        return self._families(bridge.stats(), used_brokers(bridge.config))
+        return families(Snapshot.of(self.bridge))
 
-    def _families(self, stats: dict[str, RouteStats], brokers: list[str]) -> Iterator[Metric]:
-        route_counters = {
-            "received": ("messages_in", "Messages taken from the route's source"),
-            "forwarded": (
-                "messages_out",
-                "Messages accepted by a target (one per target of the route)",
-            ),
-            "bytes_in": ("bytes_in", "Payload bytes taken from the route's source"),
-            "bytes_out": ("bytes_out", "Payload bytes accepted by the route's targets"),
-            "echo_suppressed": (
-                "echo_suppressed",
-                "Messages the bridge itself published that came back and were not forwarded",
-            ),
-            "filtered": ("filtered", "'$' topics a leading wildcard must not match"),
-            "retries": ("retries", "Publish attempts repeated while a target was unreachable"),
-        }
-        for attr, (name, doc) in route_counters.items():
-            fam = CounterMetricFamily(f"flowbridge_route_{name}", doc, labels=["route"])
-            for route, st in stats.items():
-                fam.add_metric([route], getattr(st, attr))
-            yield fam
 
-        dead = CounterMetricFamily(
-            "flowbridge_route_dead_lettered",
-            "Messages a target refused, sent to the dead-letter target or discarded when the "
-            "route has none",
-            labels=["route", "reason"],
-        )
-        dropped = CounterMetricFamily(
-            "flowbridge_route_dropped",
-            "Messages given up (at-most-once target unreachable, dead-letter target refused)",
-            labels=["route", "reason"],
-        )
-        in_flight = GaugeMetricFamily(
-            "flowbridge_route_in_flight",
-            "Messages of the route's current batch not yet confirmed by every target",
-            labels=["route"],
-        )
-        latency = HistogramMetricFamily(
-            "flowbridge_route_forward_latency_seconds",
-            "From taking a batch off the source to every target confirming it, per message",
-            labels=["route"],
-        )
+class FixedCollector:
+    """The families of one snapshot, plus other collectors (process metrics) to render in a
+    worker thread: ``generate_latest(FixedCollector(...))``."""
+
+    def __init__(self, snapshot: Snapshot, others: Iterable[Collector] = STANDARD) -> None:
+        self.snapshot = snapshot
+        self.others = list(others)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from families(self.snapshot)
+        for c in self.others:
+            yield from c.collect()
+
+
+def families(snap: Snapshot) -> Iterator[Metric]:
+    """Every ``flowbridge_*`` metric family of ``snap``."""
+    stats = snap.stats
+    route_counters = {
+        "received": ("messages_in", "Messages taken from the route's source"),
+        "forwarded": (
+            "messages_out",
+            "Messages accepted by a target (one per target of the route)",
+        ),
+        "bytes_in": ("bytes_in", "Payload bytes taken from the route's source"),
+        "bytes_out": ("bytes_out", "Payload bytes accepted by the route's targets"),
+        "echo_suppressed": (
+            "echo_suppressed",
+            "Messages the bridge itself published that came back and were not forwarded",
+        ),
+        "filtered": ("filtered", "'$' topics a leading wildcard must not match"),
+        "retries": ("retries", "Publish attempts repeated while a target was unreachable"),
+    }
+    for attr, (name, doc) in route_counters.items():
+        fam = CounterMetricFamily(f"flowbridge_route_{name}", doc, labels=["route"])
         for route, st in stats.items():
-            for reason, n in sorted(st.dead_lettered.items()):
-                dead.add_metric([route, reason], n)
-            for reason, n in sorted(st.dropped.items()):
-                dropped.add_metric([route, reason], n)
-            in_flight.add_metric([route], st.in_flight)
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for label, n in zip(_BUCKET_LABELS, st.latency_counts, strict=False):
-                cumulative += n
-                buckets.append((label, cumulative))
-            buckets.append(("+Inf", sum(st.latency_counts)))
-            latency.add_metric([route], buckets, st.latency_sum)
-        yield dead
-        yield dropped
-        yield in_flight
-        yield latency
+            fam.add_metric([route], getattr(st, attr))
+        yield fam
 
-        yield from self._broker_families(stats, brokers)
+    dead = CounterMetricFamily(
+        "flowbridge_route_dead_lettered",
+        "Messages a target refused, sent to the dead-letter target or discarded when the "
+        "route has none",
+        labels=["route", "reason"],
+    )
+    dropped = CounterMetricFamily(
+        "flowbridge_route_dropped",
+        "Messages given up (at-most-once target unreachable, dead-letter target refused)",
+        labels=["route", "reason"],
+    )
+    in_flight = GaugeMetricFamily(
+        "flowbridge_route_in_flight",
+        "Messages of the route's current batch not yet confirmed by every target",
+        labels=["route"],
+    )
+    latency = HistogramMetricFamily(
+        "flowbridge_route_forward_latency_seconds",
+        "From taking a batch off the source to every target confirming it, per message",
+        labels=["route"],
+    )
+    for route, st in stats.items():
+        for reason, n in sorted(st.dead_lettered.items()):
+            dead.add_metric([route, reason], n)
+        for reason, n in sorted(st.dropped.items()):
+            dropped.add_metric([route, reason], n)
+        in_flight.add_metric([route], st.in_flight)
+        cumulative = 0
+        buckets: list[tuple[str, float]] = []
+        for label, n in zip(_BUCKET_LABELS, st.latency_counts, strict=False):
+            cumulative += n
+            buckets.append((label, cumulative))
+        buckets.append(("+Inf", sum(st.latency_counts)))
+        latency.add_metric([route], buckets, st.latency_sum)
+    yield dead
+    yield dropped
+    yield in_flight
+    yield latency
+    yield from _broker_families(snap)
 
-    def _broker_families(
-        self, stats: dict[str, RouteStats], brokers: list[str]
-    ) -> Iterator[Metric]:
-        bridge = self.bridge
-        msgs_in: dict[str, int] = dict.fromkeys(brokers, 0)
-        bytes_in: dict[str, int] = dict.fromkeys(brokers, 0)
-        msgs_out: dict[str, int] = dict.fromkeys(brokers, 0)
-        bytes_out: dict[str, int] = dict.fromkeys(brokers, 0)
-        for route in bridge.config.routes:
-            st = stats.get(route.name)
-            if st is None:
-                continue
-            if route.source.broker in msgs_in:
-                msgs_in[route.source.broker] += st.received
-                bytes_in[route.source.broker] += st.bytes_in
-            # The engine counts a route's output, not each target's: attribute it only when
-            # every target is the same broker.
-            targets = {t.broker for t in route.targets}
-            if len(targets) == 1:
-                (target,) = targets
-                if target in msgs_out:
-                    msgs_out[target] += st.forwarded
-                    bytes_out[target] += st.bytes_out
-        for name, values, doc in (
-            ("messages_in", msgs_in, "Messages routes took from this broker"),
-            ("bytes_in", bytes_in, "Payload bytes routes took from this broker"),
-            (
-                "messages_out",
-                msgs_out,
-                "Messages this broker accepted as the only target broker of a route",
-            ),
-            (
-                "bytes_out",
-                bytes_out,
-                "Payload bytes this broker accepted as the only target broker of a route",
-            ),
-        ):
-            fam = CounterMetricFamily(f"flowbridge_broker_{name}", doc, labels=["broker"])
-            for broker, v in values.items():
-                fam.add_metric([broker], v)
-            yield fam
 
-        reconnects = CounterMetricFamily(
-            "flowbridge_broker_reconnects",
-            "Connections re-established after a loss",
-            labels=["broker"],
-        )
-        connected = GaugeMetricFamily(
-            "flowbridge_broker_connected", "1 while connected to the broker", labels=["broker"]
-        )
-        state = GaugeMetricFamily(
-            "flowbridge_broker_state",
-            "1 for the connection's current state, 0 for the others",
-            labels=["broker", "state"],
-        )
-        subscribed = GaugeMetricFamily(
-            "flowbridge_broker_subscribed",
-            "1 when every subscription the routes asked of the broker is active",
-            labels=["broker"],
-        )
-        up = GaugeMetricFamily(
-            "flowbridge_broker_ready",
-            "1 when the broker is connected and subscribed (what /readyz requires)",
-            labels=["broker"],
-        )
-        for broker in brokers:
-            adapter = bridge.adapters.get(broker)
-            if adapter is None:
-                continue
-            h = adapter.health()
-            reconnects.add_metric([broker], h.reconnects)
-            connected.add_metric([broker], 1 if h.state is ConnState.CONNECTED else 0)
-            for s in _STATES:
-                state.add_metric([broker, s], 1 if h.state.value == s else 0)
-            subscribed.add_metric([broker], 1 if h.subscribed else 0)
-            up.add_metric([broker], 1 if h.ok else 0)
-        yield reconnects
-        yield connected
-        yield state
-        yield subscribed
-        yield up
+def _broker_families(snap: Snapshot) -> Iterator[Metric]:
+    stats = snap.stats
+    brokers = list(snap.health)
+    msgs_in: dict[str, int] = dict.fromkeys(brokers, 0)
+    bytes_in: dict[str, int] = dict.fromkeys(brokers, 0)
+    msgs_out: dict[str, int] = dict.fromkeys(brokers, 0)
+    bytes_out: dict[str, int] = dict.fromkeys(brokers, 0)
+    for route in snap.config.routes:
+        st = stats.get(route.name)
+        if st is None:
+            continue
+        if route.source.broker in msgs_in:
+            msgs_in[route.source.broker] += st.received
+            bytes_in[route.source.broker] += st.bytes_in
+        # The engine counts a route's output, not each target's: attribute it only when
+        # every target is the same broker.
+        targets = {t.broker for t in route.targets}
+        if len(targets) == 1:
+            (target,) = targets
+            if target in msgs_out:
+                msgs_out[target] += st.forwarded
+                bytes_out[target] += st.bytes_out
+    for name, values, doc in (
+        ("messages_in", msgs_in, "Messages routes took from this broker"),
+        ("bytes_in", bytes_in, "Payload bytes routes took from this broker"),
+        (
+            "messages_out",
+            msgs_out,
+            "Messages this broker accepted as the only target broker of a route",
+        ),
+        (
+            "bytes_out",
+            bytes_out,
+            "Payload bytes this broker accepted as the only target broker of a route",
+        ),
+    ):
+        fam = CounterMetricFamily(f"flowbridge_broker_{name}", doc, labels=["broker"])
+        for broker, v in values.items():
+            fam.add_metric([broker], v)
+        yield fam
 
-        ready = GaugeMetricFamily(
-            "flowbridge_ready", "1 when every broker a route needs is connected and subscribed"
-        )
-        ready.add_metric([], 1 if bridge.ready()[0] else 0)
-        yield ready
-        evicted = CounterMetricFamily(
-            "flowbridge_echo_guard_evicted",
-            "Expected echoes forgotten before they came back (guard full): possible duplicates",
-        )
-        evicted.add_metric([], bridge.echo.evicted)
-        yield evicted
+    reconnects = CounterMetricFamily(
+        "flowbridge_broker_reconnects",
+        "Connections re-established after a loss",
+        labels=["broker"],
+    )
+    connected = GaugeMetricFamily(
+        "flowbridge_broker_connected", "1 while connected to the broker", labels=["broker"]
+    )
+    state = GaugeMetricFamily(
+        "flowbridge_broker_state",
+        "1 for the connection's current state, 0 for the others",
+        labels=["broker", "state"],
+    )
+    subscribed = GaugeMetricFamily(
+        "flowbridge_broker_subscribed",
+        "1 when every subscription the routes asked of the broker is active",
+        labels=["broker"],
+    )
+    up = GaugeMetricFamily(
+        "flowbridge_broker_ready",
+        "1 when the broker is connected and subscribed (what /readyz requires)",
+        labels=["broker"],
+    )
+    for broker, h in snap.health.items():
+        reconnects.add_metric([broker], h.reconnects)
+        connected.add_metric([broker], 1 if h.state is ConnState.CONNECTED else 0)
+        for s in _STATES:
+            state.add_metric([broker, s], 1 if h.state.value == s else 0)
+        subscribed.add_metric([broker], 1 if h.subscribed else 0)
+        up.add_metric([broker], 1 if h.ok else 0)
+    yield reconnects
+    yield connected
+    yield state
+    yield subscribed
+    yield up
+
+    ready = GaugeMetricFamily(
+        "flowbridge_ready", "1 when every broker a route needs is connected and subscribed"
+    )
+    ready.add_metric([], 1 if snap.ready else 0)
+    yield ready
+    evicted = CounterMetricFamily(
+        "flowbridge_echo_guard_evicted",
+        "Expected echoes forgotten before they came back (guard full): possible duplicates",
+    )
+    evicted.add_metric([], snap.echo_evicted)
+    yield evicted
 
 
 def build_registry(bridge: Bridge, *, process: bool = True) -> CollectorRegistry:
@@ -220,6 +265,6 @@ def build_registry(bridge: Bridge, *, process: bool = True) -> CollectorRegistry
     registry = CollectorRegistry()
     registry.register(BridgeCollector(bridge))
     if process:
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        for collector in STANDARD:
             registry.register(collector)
     return registry

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.exposition import choose_encoder
 
 from flowbridge.errors import FlowbridgeError
-from flowbridge.metrics import build_registry
+from flowbridge.metrics import FixedCollector, Snapshot
 from flowbridge.ops.page import STATUS_PAGE
 from flowbridge.ops.status import RateMeter, scrub, status
 
@@ -92,7 +92,6 @@ class OpsServer:
     def __init__(self, bridge: Bridge, *, stopping: asyncio.Event | None = None) -> None:
         self.bridge = bridge
         self.stopping = stopping or asyncio.Event()
-        self.registry = build_registry(bridge)
         self.meter = RateMeter()
         self.routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/": self.page,
@@ -254,7 +253,10 @@ class OpsServer:
 
     async def metrics(self, request: Request) -> Response:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-        return Response(200, encoder(self.registry), content_type)
+        # Copy the counters here, on the loop; rendering thousands of samples takes tens of
+        # milliseconds, which must not hold up forwarding.
+        exposition = FixedCollector(Snapshot.of(self.bridge))
+        return Response(200, await asyncio.to_thread(encoder, exposition), content_type)
 
     async def healthz(self, request: Request) -> Response:
         return _text(200, "ok")
