@@ -53,6 +53,8 @@ class RouteStats:
     forwarded: int = 0  # messages accepted by a target (one per target)
     bytes_in: int = 0
     bytes_out: int = 0
+    forwarded_to: collections.Counter[str] = field(default_factory=collections.Counter)
+    bytes_to: collections.Counter[str] = field(default_factory=collections.Counter)  # by broker
     echo_suppressed: int = 0
     filtered: int = 0  # '$' topics a leading wildcard must not match
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -297,17 +299,25 @@ class RouteRunner:
         outcome = await self._send(t.adapter, msgs, t.options, t.spec.broker, stop)
         if outcome is _GAVE_UP:
             return
+        st = self.stats
+        broker = t.spec.broker
         if outcome is None:
-            self.stats.forwarded += len(msgs)
-            self.stats.bytes_out += sum(len(m.payload) for m in msgs)
+            size = sum(len(m.payload) for m in msgs)
+            st.forwarded += len(msgs)
+            st.bytes_out += size
+            st.forwarded_to[broker] += len(msgs)
+            st.bytes_to[broker] += size
             return
         assert isinstance(outcome, Sequence)
         for k, err in enumerate(outcome):
             if err is None:
-                self.stats.forwarded += 1
-                self.stats.bytes_out += len(msgs[k].payload)
+                size = len(msgs[k].payload)
+                st.forwarded += 1
+                st.bytes_out += size
+                st.forwarded_to[broker] += 1
+                st.bytes_to[broker] += size
             else:
-                dead.append((index[k], t.spec.broker, err.reason))
+                dead.append((index[k], broker, err.reason))
 
     def _expect_echoes(self, t: _Target, msgs: list[Message]) -> None:
         echo = self.bridge.echo

@@ -183,26 +183,22 @@ def _broker_families(snap: Snapshot) -> Iterator[Metric]:
         if route.source.broker in msgs_in:
             msgs_in[route.source.broker] += st.received
             bytes_in[route.source.broker] += st.bytes_in
-        # The engine counts a route's output, not each target's: attribute it only when
-        # every target is the same broker.
-        targets = {t.broker for t in route.targets}
-        if len(targets) == 1:
-            (target,) = targets
+        for target, n in st.forwarded_to.items():
             if target in msgs_out:
-                msgs_out[target] += st.forwarded
-                bytes_out[target] += st.bytes_out
+                msgs_out[target] += n
+                bytes_out[target] += st.bytes_to[target]
     for name, values, doc in (
         ("messages_in", msgs_in, "Messages routes took from this broker"),
         ("bytes_in", bytes_in, "Payload bytes routes took from this broker"),
         (
             "messages_out",
             msgs_out,
-            "Messages this broker accepted as the only target broker of a route",
+            "Messages this broker accepted from routes",
         ),
         (
             "bytes_out",
             bytes_out,
-            "Payload bytes this broker accepted as the only target broker of a route",
+            "Payload bytes this broker accepted from routes",
         ),
     ):
         fam = CounterMetricFamily(f"flowbridge_broker_{name}", doc, labels=["broker"])
