@@ -134,9 +134,10 @@ async def test_broker_attribution_and_fan_out(bridge: Bridge) -> None:
     assert value(reg, "flowbridge_broker_messages_in_total", broker="core") == 1
     assert value(reg, "flowbridge_broker_messages_out_total", broker="core") == 1
     assert value(reg, "flowbridge_broker_bytes_out_total", broker="core") == 3
-    # "fan" has two target brokers: its output is per route only, never guessed per broker.
+    # "fan" has two target brokers: each is credited with what it accepted.
     assert value(reg, "flowbridge_route_messages_out_total", route="fan") == 2
-    assert value(reg, "flowbridge_broker_messages_out_total", broker="other") == 0
+    assert value(reg, "flowbridge_broker_messages_out_total", broker="other") == 1
+    assert value(reg, "flowbridge_broker_bytes_out_total", broker="other") == 2
 
 
 async def test_connection_state_and_readiness(bridge: Bridge) -> None:
