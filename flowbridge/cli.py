@@ -1,12 +1,15 @@
-"""Command line: ``flowbridge run | check | translate``."""
+"""Command line: ``flowbridge run | check | translate | send | listen``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
+import json
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 from flowbridge import __version__
 from flowbridge.errors import ConfigError, TopicError
@@ -58,6 +61,38 @@ examples:
   flowbridge run                     # embedded NATS + MQTT, every topic both ways
   flowbridge run -c mappings/mqtt-nats.yaml
   flowbridge run -c brokers.yaml -c routes.yaml --log-format json --http 127.0.0.1:8080
+"""
+
+_SEND_EPILOG = """\
+Items travel in the order given, as one msg_envelope_v1 message.  Each item under the size
+threshold (default 500000 bytes, env SIZE_THRESHOLD) is carried inside the message; larger
+ones are uploaded to the file server (env FILESERVER_URL, default http://localhost:8080;
+'python -m flowbridge.fileserver' serves one for development) and sent as a link.
+--file picks the payload type from the extension (image, audio, video, .arrow/.arrows
+tables, otherwise binary).  Exit status 0 once the broker confirmed, 1 when it could not be
+reached or refused, 2 for invalid input.
+
+examples:
+  flowbridge send nats://localhost:4222 chat.room1 --text 'Hello!'
+  flowbridge send mqtt://localhost:1883 sensors/room1 --json '{"temp": 21.5}' --purpose updateStatus
+  flowbridge send amqp://guest:guest@localhost/ chat.room1 --text hi --file photo.png
+  flowbridge send kafka://localhost:9092 chat.room1 --file clip.mp4 --key room1
+  flowbridge send mqtt://localhost:1883 a/b --text hi -o version=3.1.1
+"""
+
+_LISTEN_EPILOG = """\
+FILTER uses the protocol's route filter syntax: NATS 'chat.*.>', MQTT 'chat/+/#', AMQP
+binding keys 'chat.*.#', Kafka topic names with '+' and '#' for whole levels ('chat.+').
+Text, dictionaries and JSON tables are printed; images, audio, video, binary payloads and
+Arrow tables are saved under --save-dir.  Link payloads are downloaded only from the file
+servers given (--fileserver, default env FILESERVER_URL).  Messages that are not valid
+envelopes are reported on stderr and listening goes on.  Ctrl-C stops.
+
+examples:
+  flowbridge listen nats://localhost:4222 'chat.>'
+  flowbridge listen mqtt://localhost:1883 'sensors/#' --save-dir received --count 10
+  flowbridge listen amqp://guest:guest@localhost/ 'chat.#' --fileserver http://files:8080
+  flowbridge listen kafka://localhost:9092 chat.room1 --timeout 30
 """
 
 
@@ -150,7 +185,101 @@ def build_parser() -> argparse.ArgumentParser:
         "--filter", action="store_true", help="read every NAME as a subscription filter"
     )
     translate.add_argument("names", nargs="+", metavar="NAME", help="topic or filter")
+    _add_send(commands)
+    _add_listen(commands)
     return parser
+
+
+def _broker_option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", metavar="URL", help="broker URL: nats://, mqtt://, amqp://, kafka://")
+    p.add_argument(
+        "-o",
+        "--option",
+        dest="options",
+        action="append",
+        type=_broker_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="broker option of the protocol, as in mapping files (e.g. version=3.1.1 for MQTT)",
+    )
+
+
+def _add_send(commands: Any) -> None:
+    send = commands.add_parser(
+        "send",
+        help="publish a msg_envelope_v1 message",
+        description="Publish text, JSON and files as one msg_envelope_v1 message to any broker.",
+        epilog=_SEND_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(send)
+    send.add_argument("topic", metavar="TOPIC", help="topic in the broker's protocol")
+    items = send.add_argument_group("items (at least one; repeat to send several)")
+    items.add_argument(
+        "--text", dest="items", action="append", type=lambda v: ("text", v), metavar="TEXT"
+    )
+    items.add_argument(
+        "--json",
+        dest="items",
+        action="append",
+        type=lambda v: ("json", v),
+        metavar="JSON",
+        help="an object (dictionary) or an array of objects (jsontable)",
+    )
+    items.add_argument(
+        "--file", dest="items", action="append", type=lambda v: ("file", v), metavar="FILE"
+    )
+    send.add_argument("--purpose", default="chat", help="msg_purpose (default: %(default)s)")
+    send.add_argument("--sender", default="flowbridge", help="sender_name (default: %(default)s)")
+    send.add_argument("--receiver", default="", help="receiver_name (default: broadcast)")
+    send.add_argument("--reply-to", default="", metavar="TOPIC", help="topic for replies")
+    send.add_argument("--correlation-id", metavar="UUID", help="default: a new UUID")
+    send.add_argument("--key", help="Kafka record key")
+    send.add_argument("--fileserver", metavar="URL", help="default: env FILESERVER_URL")
+    send.add_argument(
+        "--threshold",
+        type=int,
+        metavar="BYTES",
+        help="link size threshold (default: env SIZE_THRESHOLD or 500000)",
+    )
+
+
+def _add_listen(commands: Any) -> None:
+    listen = commands.add_parser(
+        "listen",
+        help="print msg_envelope_v1 messages as they arrive",
+        description="Subscribe to a filter and print every msg_envelope_v1 message readably.",
+        epilog=_LISTEN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(listen)
+    listen.add_argument("filter", metavar="FILTER", help="subscription filter")
+    listen.add_argument(
+        "--save-dir",
+        default=".",
+        metavar="DIR",
+        help="where binary payloads go (default: %(default)s)",
+    )
+    listen.add_argument(
+        "--fileserver",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="file server that link payloads may come from; repeat for several "
+        "(default: env FILESERVER_URL)",
+    )
+    listen.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    listen.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="stop when nothing arrives for this long"
+    )
+    listen.add_argument("--group", help="share messages with other listeners of this group")
 
 
 def _port(text: str) -> int:
@@ -240,6 +369,203 @@ def _run(args: argparse.Namespace, err: TextIO) -> int:
         return 130
 
 
+EXIT_FAILED = 1  # a broker or file server failed or refused
+
+_MEDIA = {
+    "image": {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".svg", ".ico"},
+    "audio": {".wav", ".mp3", ".ogg", ".oga", ".flac", ".aac", ".m4a", ".opus"},
+    "video": {".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg"},
+}
+
+
+def _send_items(specs: Sequence[tuple[str, str]]) -> list[tuple[str, Any, str]]:
+    from flowbridge.envelope import deserialize  # noqa: PLC0415
+
+    items: list[tuple[str, Any, str]] = []
+    for kind, value in specs:
+        if kind == "text":
+            items.append(("text", value, "text"))
+        elif kind == "json":
+            try:
+                data = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"--json {value[:40]!r}: not JSON: {exc}") from None
+            if isinstance(data, dict):
+                items.append(("json", data, "dictionary"))
+            elif isinstance(data, list) and all(isinstance(row, dict) for row in data):
+                items.append(("json", data, "jsontable"))
+            else:
+                raise ValueError("--json takes an object or an array of objects")
+        else:
+            path = Path(value)
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"--file {value}: {exc.strerror or exc}") from None
+            ext = path.suffix.lower()
+            if ext in (".arrow", ".arrows"):
+                items.append((path.name, deserialize(raw, "arrowtable"), "arrowtable"))
+                continue
+            ptype = next((t for t, exts in _MEDIA.items() if ext in exts), "binary")
+            items.append((path.name, raw, ptype))
+    return items
+
+
+def _send(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from flowbridge.envelope import EnvelopeError  # noqa: PLC0415
+    from flowbridge.errors import FlowbridgeError  # noqa: PLC0415
+    from flowbridge.smart import protocol_of, smartsend  # noqa: PLC0415
+
+    if not args.items:
+        print("send: give at least one --text, --json or --file", file=err)
+        return EXIT_ERROR
+    try:
+        protocol_of(args.url)
+        items = _send_items(args.items)
+    except (ValueError, FlowbridgeError) as exc:
+        print(f"send: {exc}", file=err)
+        return EXIT_ERROR
+    fields: dict[str, Any] = {
+        "msg_purpose": args.purpose,
+        "sender_name": args.sender,
+        "receiver_name": args.receiver,
+        "reply_to": args.reply_to,
+    }
+    if args.correlation_id:
+        fields["correlation_id"] = args.correlation_id
+    try:
+        env = asyncio.run(
+            smartsend(
+                args.url,
+                args.topic,
+                items,
+                fileserver=args.fileserver,
+                threshold=args.threshold,
+                broker_options=dict(args.options),
+                key=args.key.encode() if args.key is not None else None,
+                **fields,
+            )
+        )
+    except EnvelopeError as exc:
+        print(f"send: {exc}", file=err)
+        return EXIT_ERROR
+    except (FlowbridgeError, ValueError) as exc:
+        print(f"send: {exc}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    print(f"sent {env.msg_id} (correlation_id {env.correlation_id}) to {args.topic}", file=out)
+    for p in env.payloads:
+        print(f"  {p.dataname} ({p.payload_type}, {p.size} bytes, {p.transport})", file=out)
+    return EXIT_OK
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped, so a message cannot drive the terminal."""
+    return "".join(
+        c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text
+    )
+
+
+def _save(directory: Path, msg_id: str, dataname: str, ptype: str, value: Any) -> Path:
+    from flowbridge.envelope import serialize  # noqa: PLC0415
+    from flowbridge.fileserver import safe_name  # noqa: PLC0415
+
+    raw = serialize(value, ptype)
+    name = safe_name(dataname)
+    if ptype == "arrowtable" and not name.endswith((".arrow", ".arrows")):
+        name += ".arrows"
+    directory.mkdir(parents=True, exist_ok=True)
+    base = f"{msg_id[:8]}-{name}"
+    for n in range(1000):
+        path = directory / (base if n == 0 else f"{n}-{base}")
+        try:
+            with path.open("xb") as f:  # never overwrite what is there
+                f.write(raw)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free file name for {base} in {directory}")
+
+
+def _print_received(got: Any, save_dir: Path, out: TextIO) -> None:
+    env = got.envelope
+    print(
+        f"[{env.timestamp}] {_printable(env.msg_purpose)} from {_printable(env.sender_name)} "
+        f"on {_printable(got.message.topic)} (msg_id {env.msg_id}, correlation_id "
+        f"{env.correlation_id})",
+        file=out,
+    )
+    if env.reply_to:
+        print(f"  reply to: {_printable(env.reply_to)}", file=out)
+    for (dataname, value, ptype), p in zip(got.items, env.payloads, strict=True):
+        label = f"  {_printable(dataname)} ({ptype}, {p.size} bytes, {p.transport})"
+        if ptype == "text":
+            print(f"{label}: {_printable(value)}", file=out)
+        elif ptype in ("dictionary", "jsontable"):
+            shown = json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n    ")
+            print(f"{label}:\n    {_printable(shown)}", file=out)
+        else:
+            path = _save(save_dir, env.msg_id, dataname, ptype, value)
+            print(f"{label}: saved to {path}", file=out)
+    out.flush()
+
+
+async def _listen_loop(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from flowbridge.smart import listen  # noqa: PLC0415
+
+    save_dir = Path(args.save_dir)
+    seen = 0
+    async with listen(
+        args.url,
+        args.filter,
+        fileserver=args.fileserver or None,
+        broker_options=dict(args.options),
+        group=args.group,
+    ) as rx:
+        print(f"listening on {args.filter}", file=err)
+        err.flush()
+        it = aiter(rx)
+        while args.count is None or seen < args.count:
+            try:
+                async with asyncio.timeout(args.timeout):
+                    got = await anext(it)
+            except TimeoutError:
+                print(f"nothing for {args.timeout}s; stopping", file=err)
+                return EXIT_FAILED if seen == 0 else EXIT_OK
+            seen += 1
+            if got.error is not None:
+                print(f"invalid envelope on {_printable(got.message.topic)}: {got.error}", file=err)
+                err.flush()
+                continue
+            try:
+                _print_received(got, save_dir, out)
+            except OSError as exc:
+                print(f"cannot save a payload of {got.message.message_id}: {exc}", file=err)
+    return EXIT_OK
+
+
+def _listen(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from flowbridge.errors import FlowbridgeError  # noqa: PLC0415
+    from flowbridge.smart import protocol_of  # noqa: PLC0415
+
+    if args.count is not None and args.count < 1:
+        print("listen: --count must be at least 1", file=err)
+        return EXIT_ERROR
+    try:
+        protocol_of(args.url)
+    except FlowbridgeError as exc:
+        print(f"listen: {exc}", file=err)
+        return EXIT_ERROR
+    try:
+        return asyncio.run(_listen_loop(args, out, err))
+    except (FlowbridgeError, ValueError) as exc:
+        print(f"listen: {exc}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -250,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args, out, err)
     if args.command == "run":
         return _run(args, err)
+    if args.command == "send":
+        return _send(args, out, err)
+    if args.command == "listen":
+        return _listen(args, out, err)
     parser.print_help(err)
     return EXIT_ERROR
 

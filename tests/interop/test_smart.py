@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -18,12 +22,14 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from flowbridge import cli
 from flowbridge.envelope import Envelope
 from flowbridge.fileserver import PlikStore
 from flowbridge.smart import Item, build_envelope, listen, smartreceive, smartsend
-from tests.support.brokers import host_port
+from tests.support.brokers import free_port, host_port
 
 FIVE_MB = 5 * 1024 * 1024
+ROOT = Path(__file__).resolve().parents[2]
 KAFKA_FAST = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 100, "metadata_max_age_ms": 500}
 
 
@@ -297,3 +303,107 @@ async def test_environment_defaults(
     assert [p.transport for p in sent.payloads] == ["direct", "link"]
     assert got_items == [("a", "short", "text"), ("b", "longer text", "text")]
     assert store.served == 1
+
+
+# ---- the send and listen commands -------------------------------------------------------
+
+
+def _spawn(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _wait_line(proc: subprocess.Popen[str], needle: str, within: float = 20.0) -> None:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + within
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"no {needle!r} from {proc.args}: {''.join(seen)}")
+
+
+CLI_CASES = {
+    "nats": ("fb.cli.{u}", "fb.cli.>", []),
+    "mqtt": ("fb/cli/{u}", "fb/cli/{u}/#", ["-o", "version=5"]),
+    "amqp": ("fb.cli.{u}", "fb.cli.#", []),
+    "kafka": (
+        "fb.cli.{u}",
+        "fb.cli.{u}",
+        [f"-o{k}={v}" for k, v in KAFKA_FAST.items()],
+    ),
+}
+
+
+@pytest.mark.parametrize("protocol", list(CLI_CASES))
+def test_cli_send_and_listen(
+    protocol: str, request: pytest.FixtureRequest, unique: str, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue(f"{protocol}_url")
+    topic, flt, opts = CLI_CASES[protocol]
+    topic, flt = topic.format(u=unique), flt.format(u=unique)
+    port = free_port()
+    picture = tmp_path / "pic.png"
+    picture.write_bytes(os.urandom(700_000))  # over the threshold: through the file store
+    files = _spawn("-m", "flowbridge.fileserver", "--listen", f"127.0.0.1:{port}", cwd=tmp_path)
+    listener = None
+    try:
+        _wait_line(files, "file store on")
+        fs = f"http://127.0.0.1:{port}"
+        listener = _spawn(
+            "-m", "flowbridge", "listen", url, flt, *opts, "--fileserver", fs,
+            "--save-dir", "got", "--count", "1", "--timeout", "20",
+            cwd=tmp_path,
+        )  # fmt: skip
+        _wait_line(listener, "listening on")
+        items = ["--text", "Grüß\x1b[2J", "--json", '{"a": [1, 2]}', "--file", str(picture)]
+        code = cli.main(
+            ["send", url, topic, *opts, *items, "--fileserver", fs, "--purpose", "updateStatus"]
+        )
+        assert code == 0
+        out, err = listener.communicate(timeout=20)
+        assert listener.returncode == 0, err
+        assert "updateStatus from flowbridge" in out
+        assert "text (text, 10 bytes, direct): Grüß\\x1b[2J" in out  # escaped, not obeyed
+        assert '"a": [' in out
+        saved = list((tmp_path / "got").iterdir())
+        assert [p.name.split("-", 1)[1] for p in saved] == ["pic.png"]
+        assert saved[0].read_bytes() == picture.read_bytes()
+        assert "pic.png (image, 700000 bytes, link): saved to" in out
+    finally:
+        for proc in (listener, files):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+            if proc is not None:
+                for stream in (proc.stdout, proc.stderr):
+                    if stream is not None:
+                        stream.close()
+
+
+def test_cli_rejects_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli.main(["send", "nats://127.0.0.1:4222", "t"]) == 2
+    assert "at least one --text" in capsys.readouterr().err
+    assert cli.main(["send", "nats://127.0.0.1:4222", "t", "--json", "[1]"]) == 2
+    assert "object or an array of objects" in capsys.readouterr().err
+    assert cli.main(["send", "ftp://x", "t", "--text", "a"]) == 2
+    assert "unknown broker URL scheme" in capsys.readouterr().err
+    assert cli.main(["send", "nats://x", "t", "--file", str(tmp_path / "missing")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert cli.main(["listen", "nats://x", "a", "--count", "0"]) == 2
+    for command in ("send", "listen"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "examples:" in out
+        assert f"flowbridge {command} " in out
