@@ -524,7 +524,10 @@ def _parse_payload(obj: Any, index: int, corr: str | None) -> Payload:
     elif encoding == "json":
         if payload_type not in ("dictionary", "jsontable"):
             raise r.error("encoding", f"json encoding cannot carry a {payload_type} payload")
-        _check_json_shape(data, payload_type, f"{prefix}data")
+        try:
+            _check_json_shape(data, payload_type, f"{prefix}data")
+        except EnvelopeError as exc:
+            raise r.error("data", exc.reason) from None
     elif encoding == "arrow-ipc" and payload_type != "arrowtable":
         raise r.error("encoding", f"arrow-ipc encoding cannot carry a {payload_type} payload")
     elif not isinstance(data, str):

@@ -47,6 +47,7 @@ _MAX_HEADER_BYTES = 64 * 1024
 _MAX_HEADERS = 100
 _RETRY_STATUS = frozenset({404, 408, 425, 429, 500, 502, 503, 504})
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+_REQUEST_TARGET = re.compile(r"/[\x21-\x7e]*")
 
 
 class FileServerError(FlowbridgeError):
@@ -108,6 +109,9 @@ def _target(url: str) -> tuple[str, str, int, str]:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    if not _REQUEST_TARGET.fullmatch(path):
+        # Spaces, control or non-ASCII characters would corrupt the request line.
+        raise FileServerError(f"URL path is not percent-encoded: {url!r}", url=url)
     return scheme, parts.hostname, port, path
 
 

@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
+import boto3  # type: ignore[import-untyped]
 import pytest
-from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials as BotoCredentials
+from botocore.auth import S3SigV4Auth, S3SigV4QueryAuth  # type: ignore[import-untyped]
+from botocore.awsrequest import AWSRequest  # type: ignore[import-untyped]
+from botocore.credentials import Credentials as BotoCredentials  # type: ignore[import-untyped]
 from moto.server import ThreadedMotoServer
 
 from flowbridge.adapters.base import Message
@@ -248,6 +248,15 @@ async def test_hostile_urls_are_refused_without_a_request() -> None:
         # The genuine link still works.
         items, _ = await smartreceive(env.to_json(), fileserver=fs)
         assert items[0][1] == b"a" * 64
+
+
+async def test_urls_that_would_corrupt_the_request_are_refused() -> None:
+    async with store() as s:
+        fs = PlikClient(s.url)
+        for path in ["/file/a b/c/d", "/file/\u00e9/c/d", "/file/a\x00/c/d"]:
+            with pytest.raises(FileServerError, match="not percent-encoded"):
+                await fs.download(s.url + path)
+        assert s.served == 0
 
 
 async def test_redirects_are_not_followed() -> None:

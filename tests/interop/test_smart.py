@@ -17,7 +17,7 @@ from typing import Any
 import aio_pika
 import aiomqtt
 import nats
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -330,7 +330,7 @@ def _wait_line(proc: subprocess.Popen[str], needle: str, within: float = 20.0) -
         seen.append(line)
         if needle in line:
             return
-    raise AssertionError(f"no {needle!r} from {proc.args}: {''.join(seen)}")
+    raise AssertionError(f"no {needle!r} from {proc.args!r}: {''.join(seen)}")
 
 
 CLI_CASES = {

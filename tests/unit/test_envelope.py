@@ -7,7 +7,7 @@ import copy
 import json
 from typing import Any
 
-import pyarrow as pa
+import pyarrow as pa  # type: ignore[import-untyped]
 import pytest
 
 from flowbridge.envelope import (
