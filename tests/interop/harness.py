@@ -29,11 +29,12 @@ class BridgeProcess:
         self.path.write_text(textwrap.dedent(mapping))
         self.logfile = workdir / "bridge.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.args: list[str] = []  # extra `flowbridge run` options
 
     def start(self) -> None:
         with self.logfile.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flowbridge", "run", "-c", str(self.path)],
+                [sys.executable, "-m", "flowbridge", "run", "-c", str(self.path), *self.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
