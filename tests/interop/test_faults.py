@@ -174,6 +174,16 @@ def data(received: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     return [(t, m) for t, m in received if m != b"probe"]
 
 
+def check_restart_duplicates(how: str, down_at: int, again: list[int], window: int) -> None:
+    """After SIGTERM nothing comes twice (acked work is not redelivered); after SIGKILL only
+    messages near the crash (at most ``window`` of them, none published after the restart)."""
+    if how == "sigterm":
+        assert not again, again
+        return
+    assert len(again) <= window, again
+    assert all(down_at - window - 1000 <= i <= down_at for i in again), (down_at, again)
+
+
 @pytest.fixture
 def mosquitto() -> Iterator[Mosquitto]:
     with Mosquitto() as m:
@@ -338,12 +348,7 @@ async def test_bridge_restart_mqtt_to_nats(
             f"{dups} duplicate(s) {again[:10]}"
         )
         assert bridge.stop() == 0, bridge.log()
-        if how == "sigkill":
-            assert dups <= 100, again
-            # Only messages around the crash come twice.
-            assert all(down_at - 1000 <= i <= down_at + 100 for i in again), (down_at, again)
-        else:
-            assert dups == 0, again
+        check_restart_duplicates(how, down_at, again, 100)
     finally:
         if paced is not None:
             paced.cancel()
@@ -413,10 +418,7 @@ async def test_bridge_restart_jetstream_to_amqp(
         dups, again = tally(data(sub.received), nats_topics, count)
         print(f"JetStream source, bridge {how} at #{down_at}: {dups} duplicate(s) {again[:10]}")
         assert bridge.stop() == 0, bridge.log()
-        if how == "sigkill":
-            assert dups <= 100, again
-        else:
-            assert dups == 0, again
+        check_restart_duplicates(how, down_at, again, 100)
     finally:
         if paced is not None:
             paced.cancel()
@@ -492,11 +494,8 @@ async def test_bridge_restart_kafka_to_nats(
         dups, again = tally(data(sub.received), topics, count)
         print(f"Kafka source, bridge {how} at #{down_at}: {dups} duplicate(s) {again[:10]}")
         assert bridge.stop() == 0, bridge.log()
-        if how == "sigkill":
-            # Offsets are committed every commit_interval_ms: bounded by the window.
-            assert dups <= 100 + TOPICS * 100, again
-        else:
-            assert dups == 0, again
+        # Offsets are committed per partition (one per topic), each bounded by the window.
+        check_restart_duplicates(how, down_at, again, TOPICS * 100)
     finally:
         if paced is not None:
             paced.cancel()
