@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, Literal, NamedTuple, TypeVar, get_args
 from urllib.parse import urlsplit
@@ -25,6 +25,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from flowbridge.adapters import SCHEMES, adapter_class
 from flowbridge.adapters.base import Adapter, Backoff, Options, Subscription
 from flowbridge.errors import ConfigError, TopicError
+from flowbridge.security import (
+    SECRET_KEYS,
+    TLS_SCHEMES,
+    AuthSpec,
+    Credentials,
+    SecuredOptions,
+    Security,
+    TlsSettings,
+    TlsSpec,
+    redact_url,
+    resolve_auth,
+    resolve_tls,
+    url_credentials,
+)
 from flowbridge.template import Template, TemplateError
 from flowbridge.topics import Filter, parse_filter, parse_topic, translate_filter
 
@@ -73,6 +87,8 @@ class BrokerSpec(_Spec):
     url: str
     reconnect: ReconnectSpec = Field(default_factory=lambda: ReconnectSpec.model_validate({}))
     options: dict[str, Any] = Field(default_factory=dict)
+    tls: TlsSpec | None = None  # also true (system CAs) or false
+    auth: AuthSpec | None = None
 
 
 class SourceSpec(_Spec):
@@ -125,8 +141,15 @@ class Broker(_Frozen):
     url: str
     protocol: str
     adapter: type[Adapter]
-    options: Options
+    options: Options  # for adapters taking tls/auth, ``options.security`` holds both
     backoff: Backoff
+    tls: TlsSettings | None = None  # None: plain
+    auth: Credentials | None = None  # None: none, or those in the URL
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # The URL may hold a password or token: reprs (and str) show it masked.
+        for key, value in super().__repr_args__():
+            yield key, redact_url(value) if key == "url" else value
 
 
 class Source(_Frozen):
@@ -489,7 +512,11 @@ def _report_validation(
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
             value = err.get("input")
-            if kind.endswith(("_type", "_parsing")) or kind in {
+            if SECRET_KEYS.intersection(str(part) for part in loc):
+                # Never echo what stands where a secret belongs.
+                if kind.endswith("_type"):
+                    msg += " (quote it)"
+            elif kind.endswith(("_type", "_parsing")) or kind in {
                 "literal_error",
                 "string_pattern_mismatch",
             }:
@@ -512,11 +539,7 @@ def _validate(model: type[M], data: Any, doc: _Doc, base: Loc, problems: _Proble
 
 
 def mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    return redact_url(url)
 
 
 def check_url(url: str) -> str:
@@ -724,9 +747,20 @@ class _Loader:
             raw_options = spec.options if spec is not None else raw.get("options", {})
             if not isinstance(raw_options, dict):
                 continue  # reported by the schema
+            if "security" in raw_options and issubclass(adapter.BrokerOptions, SecuredOptions):
+                self.problems.add(
+                    doc, (*loc, "options", "security"), "set tls and auth beside options, not in it"
+                )
+                continue
             options = self.options(adapter.BrokerOptions, raw_options, doc, (*loc, "options"))
             if options is None or spec is None:
                 continue
+            secured = self.security(spec, protocol, adapter, doc, loc)
+            if secured is None:
+                continue
+            tls, auth = secured
+            if tls is not None or auth is not None:
+                options = options.model_copy(update={"security": Security(tls=tls, auth=auth)})
             r = spec.reconnect
             self.resolved[name] = Broker(
                 name=name,
@@ -735,7 +769,44 @@ class _Loader:
                 adapter=adapter,
                 options=options,
                 backoff=Backoff(initial=r.initial, maximum=r.max, attempts=r.attempts),
+                tls=tls,
+                auth=auth,
             )
+
+    def security(
+        self, spec: BrokerSpec, protocol: str, adapter: type[Adapter], doc: _Doc, loc: Loc
+    ) -> tuple[TlsSettings | None, Credentials | None] | None:
+        """The broker's TLS settings and credentials, secrets resolved; None after reporting
+        a problem."""
+        if not issubclass(adapter.BrokerOptions, SecuredOptions):
+            given = [key for key in ("tls", "auth") if getattr(spec, key) is not None]
+            for key in given:
+                self.problems.add(doc, (*loc, key), f"the {protocol} adapter takes no {key}")
+            return None if given else (None, None)
+        tls_scheme = urlsplit(spec.url).scheme.lower() in TLS_SCHEMES
+        base_dir = os.path.dirname(os.path.abspath(doc.file))
+        problems: list[tuple[Loc, str]] = []
+        tls: TlsSettings | None = None
+        if spec.tls is None:
+            tls = TlsSettings() if tls_scheme else None
+        elif not spec.tls.enabled:
+            if tls_scheme:
+                problems.append((("tls",), "TLS is off here but the URL's scheme asks for it"))
+        else:
+            tls, found = resolve_tls(spec.tls, base_dir)
+            problems += found
+        auth: Credentials | None = None
+        if spec.auth is not None:
+            if url_credentials(spec.url):
+                problems.append(
+                    (("auth",), "the URL also holds credentials: give them in one place")
+                )
+            else:
+                auth, found = resolve_auth(spec.auth, protocol, self.environ, base_dir)
+                problems += found
+        for sub, message in problems:
+            self.problems.add(doc, (*loc, *sub), message)
+        return None if problems else (tls, auth)
 
     def broker_ref(self, name: str, doc: _Doc, loc: Loc) -> _Endpoint | None:
         broker = self.endpoints.get(name)

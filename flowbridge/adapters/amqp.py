@@ -56,6 +56,7 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, PublishError
+from flowbridge.security import SecuredOptions, TlsSettings, describe, security_of, tls_for
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 CORRELATION_HEADER = "x-correlation-id"
@@ -64,7 +65,7 @@ _CHUNK_BYTES = 256 * 1024  # publish frames are handed to the writer in chunks o
 _FLUSH_TIMEOUT = 5.0
 
 
-class AmqpBrokerOptions(Options):
+class AmqpBrokerOptions(SecuredOptions):
     exchange: str = "amq.topic"
     exchange_type: str = "topic"
     # None: declare (durable) unless the name is reserved (``amq.*`` or the default exchange).
@@ -705,6 +706,17 @@ class AmqpAdapter(Adapter):
         conn_url = URL(url)
         if self.opts.heartbeat is not None:
             conn_url = conn_url.update_query(heartbeat=str(self.opts.heartbeat))
+        self.security = security_of(self.opts)
+        configured_tls = self.security.tls
+        self.tls: TlsSettings | None = tls_for(url, self.security)
+        if configured_tls is not None and conn_url.scheme != "amqps":
+            # aiormq speaks TLS for amqps only; without a port, amqps means 5671.
+            conn_url = conn_url.with_scheme("amqps")
+        if (auth := self.security.auth) is not None:
+            # aiormq reads credentials from the URL only (and censors it when printing).
+            conn_url = conn_url.with_user(auth.username)
+            if auth.password is not None:
+                conn_url = conn_url.with_password(auth.password.get_secret_value())
         self._conn_url = conn_url
         self.connection_name = self.opts.connection_name or f"flowbridge {name}"
         self._conn: aiormq.Connection | None = None
@@ -748,11 +760,17 @@ class AmqpAdapter(Adapter):
     # connection ---------------------------------------------------------------------
 
     def _error(self, cause: object) -> ConnectError:
-        return ConnectError(f"broker {self.name} ({_censored(self.url)}): {cause}")
+        text = describe(cause, self.security) if isinstance(cause, BaseException) else str(cause)
+        return ConnectError(f"broker {self.name} ({_censored(self.url)}): {text}")
 
     async def _open(self) -> aiormq.Connection:
+        # With tls settings of our own (not those of amqps:// alone, where aiormq's URL
+        # query options such as cafile keep working), a fresh context per connection.
+        context = None if self.security.tls is None else self.security.tls.context()
         conn = aiormq.Connection(
-            self._conn_url, client_properties={"connection_name": self.connection_name}
+            self._conn_url,
+            client_properties={"connection_name": self.connection_name},
+            context=context,
         )
         try:
             async with asyncio.timeout(self.opts.connect_timeout):
@@ -784,12 +802,12 @@ class AmqpAdapter(Adapter):
                 break
             except _LOST as exc:
                 failures += 1
-                self._detail = str(exc) or type(exc).__name__
+                self._detail = describe(exc, self.security)
                 attempts = self.backoff.attempts
                 delay = await anext(delays, None)
                 if (attempts is not None and failures >= attempts) or delay is None:
                     raise self._error(exc) from exc
-                self.log.warning("connect failed (%s); retrying in %.2fs", exc, delay)
+                self.log.warning("connect failed (%s); retrying in %.2fs", self._detail, delay)
                 await asyncio.sleep(delay)
         self._state = ConnState.CONNECTED
         self._detail = ""
@@ -817,8 +835,8 @@ class AmqpAdapter(Adapter):
             cause = conn.closing.exception() if not conn.closing.cancelled() else None
             self._connected.clear()
             self._state = ConnState.DISCONNECTED
-            self._detail = f"connection lost: {cause}"
-            self.log.warning("connection lost (%s); reconnecting", cause)
+            self._detail = self.security.scrub(f"connection lost: {cause}")
+            self.log.warning("%s; reconnecting", self._detail)
             for consumer in self._consumers:
                 consumer.lose()
             try:

@@ -14,7 +14,7 @@ import contextlib
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
@@ -26,7 +26,6 @@ from aiokafka.errors import (
     KafkaTimeoutError,
     MessageSizeTooLargeError,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import Field, field_validator, model_validator
 
@@ -41,6 +40,7 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, PublishError, TopicError
+from flowbridge.security import SecuredOptions, describe, redact_url, security_of, tls_for
 
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _REGEX_META = frozenset(".^$*+?{}[]|()")
@@ -50,7 +50,7 @@ _TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
 _TRANSIENT = (KafkaConnectionError, KafkaTimeoutError, OSError, asyncio.TimeoutError)
 
 
-class KafkaBrokerOptions(Options):
+class KafkaBrokerOptions(SecuredOptions):
     client_id: str = "flowbridge"
     # "auto": idempotent producer when the broker grants a producer id, plain otherwise.
     idempotence: Literal["auto", "true", "false"] = "auto"
@@ -280,8 +280,7 @@ class _Source:
                 rebalance_timeout_ms=o.rebalance_timeout_ms,
                 max_poll_interval_ms=o.max_poll_interval_ms,
                 metadata_max_age_ms=o.metadata_max_age_ms,
-                security_protocol="SSL" if a.ssl else "PLAINTEXT",
-                ssl_context=create_ssl_context() if a.ssl else None,
+                **a.client_security(),
             )
             try:
                 await consumer.start()
@@ -436,7 +435,11 @@ class KafkaAdapter(Adapter):
     def __init__(self, name: str, url: str, options: Options, backoff: Any) -> None:
         super().__init__(name, url, options, backoff)
         self.opts = options if isinstance(options, KafkaBrokerOptions) else KafkaBrokerOptions()
-        self.servers, self.ssl = _bootstrap(url)
+        self.servers, _ = _bootstrap(url)
+        self.security = security_of(self.opts)
+        self.tls = tls_for(url, self.security)
+        self.ssl = self.tls is not None
+        self.safe_url = redact_url(url)
         self.sources: set[_Source] = set()
         self.producer: AIOKafkaProducer | None = None
         self.idempotent = self.opts.idempotence != "false"
@@ -452,6 +455,29 @@ class KafkaAdapter(Adapter):
 
     # -- connection ---------------------------------------------------------------------
 
+    def client_security(self) -> dict[str, Any]:
+        """aiokafka's TLS and SASL arguments: SSL / SASL_SSL / SASL_PLAINTEXT / PLAINTEXT."""
+        args: dict[str, Any] = {"security_protocol": "SSL" if self.tls else "PLAINTEXT"}
+        if self.tls is not None:
+            # A fresh context per client: renewed certificate files are read again.
+            args["ssl_context"] = self.tls.context()
+        auth = self.security.auth
+        username: str | None
+        if auth is not None:
+            username, mechanism = auth.username, auth.sasl_mechanism or "PLAIN"
+            password = None if auth.password is None else auth.password.get_secret_value()
+        else:
+            parts = urlsplit(self.url)
+            username, mechanism = parts.username, "PLAIN"
+            password = None if parts.password is None else unquote(parts.password)
+            username = None if username is None else unquote(username)
+        if username is not None:
+            args["security_protocol"] = "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+            args["sasl_mechanism"] = mechanism
+            args["sasl_plain_username"] = username
+            args["sasl_plain_password"] = password or ""
+        return args
+
     def _producer_for(self, idempotent: bool) -> AIOKafkaProducer:
         o = self.opts
         return AIOKafkaProducer(
@@ -464,8 +490,7 @@ class KafkaAdapter(Adapter):
             compression_type=None if o.compression == "none" else o.compression,
             request_timeout_ms=o.request_timeout_ms,
             metadata_max_age_ms=o.metadata_max_age_ms,
-            security_protocol="SSL" if self.ssl else "PLAINTEXT",
-            ssl_context=create_ssl_context() if self.ssl else None,
+            **self.client_security(),
         )
 
     async def _start_producer(self) -> AIOKafkaProducer:
@@ -479,7 +504,8 @@ class KafkaAdapter(Adapter):
                 raise
             if self.opts.idempotence == "true":
                 raise ConnectError(
-                    f"broker {self.name} ({self.url}): idempotent producer refused: {exc!r}"
+                    f"broker {self.name} ({self.safe_url}): idempotent producer refused: "
+                    f"{self.security.scrub(repr(exc))}"
                 ) from exc
             # The broker refused InitProducerId (Tansu does): acks=all without idempotence.
             self.log.warning(
@@ -510,13 +536,13 @@ class KafkaAdapter(Adapter):
             except (KafkaError, OSError) as exc:
                 failures += 1
                 self._state = ConnState.DISCONNECTED
-                self._detail = str(exc)
+                self._detail = cause = describe(exc, self.security)
                 attempts = self.backoff.attempts
                 delay = await anext(delays, None)
                 if delay is None or (attempts is not None and failures >= attempts):
-                    raise ConnectError(f"broker {self.name} ({self.url}): {exc!r}") from exc
+                    raise ConnectError(f"broker {self.name} ({self.safe_url}): {cause}") from exc
                 self.log.warning(
-                    "broker %s: connect failed (%r); retry in %.1fs", self.name, exc, delay
+                    "broker %s: connect failed (%s); retry in %.1fs", self.name, cause, delay
                 )
                 await asyncio.sleep(delay)
         self._state = ConnState.CONNECTED
@@ -631,8 +657,7 @@ class KafkaAdapter(Adapter):
                 bootstrap_servers=self.servers,
                 client_id=self.opts.client_id,
                 request_timeout_ms=self.opts.request_timeout_ms,
-                security_protocol="SSL" if self.ssl else "PLAINTEXT",
-                ssl_context=create_ssl_context() if self.ssl else None,
+                **self.client_security(),
             )
             await self._admin.start()
         new = [NewTopic(t, self.opts.partitions, self.opts.replication_factor) for t in topics]

@@ -14,7 +14,6 @@ import calendar
 import contextlib
 import hashlib
 import socket
-import ssl
 import time
 import zlib
 from collections import deque
@@ -38,6 +37,7 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, PublishError
+from flowbridge.security import SecuredOptions, describe, security_of, tls_for
 
 # Deliveries received for no registered route (e.g. a persistent session's backlog that
 # arrives before the routes subscribed) wait this long for their route, then are acked and
@@ -51,7 +51,7 @@ HARD_FACTOR = 4
 MATCH_CACHE = 10_000
 
 
-class MqttBrokerOptions(Options):
+class MqttBrokerOptions(SecuredOptions):
     version: Literal["5", "3.1.1"] = "5"
     client_id: str | None = None  # default: stable per host and broker name
     keepalive: Annotated[int, Field(ge=0, le=65535)] = 30
@@ -147,10 +147,15 @@ class MqttAdapter(Adapter):
         self.opts = opts
         parts = urlsplit(url)
         self.host = parts.hostname or "127.0.0.1"
-        self.tls = parts.scheme == "mqtts"
+        self.security = security_of(opts)
+        self.tls_settings = tls_for(url, self.security)
+        self.tls = self.tls_settings is not None
         self.port = parts.port or (8883 if self.tls else 1883)
         self.username = unquote(parts.username) if parts.username is not None else None
         self.password = unquote(parts.password).encode() if parts.password is not None else None
+        if (auth := self.security.auth) is not None:
+            self.username = auth.username
+            self.password = None  # read from the secret for each CONNECT
         netloc = parts.netloc.rsplit("@", 1)[-1]
         self.safe_url = f"{parts.scheme}://{netloc}"  # never log the password
         self.version = w.V5 if opts.version == "5" else w.V311
@@ -203,9 +208,15 @@ class MqttAdapter(Adapter):
             clean_start=self.opts.clean_start,
             keepalive=self.opts.keepalive,
             username=self.username,
-            password=self.password,
+            password=self._password(),
             properties=props,
         )
+
+    def _password(self) -> bytes | None:
+        auth = self.security.auth
+        if auth is None or auth.password is None:
+            return self.password
+        return auth.password.get_secret_value().encode()
 
     async def _establish(self) -> None:
         self._state = ConnState.CONNECTING
@@ -216,7 +227,8 @@ class MqttAdapter(Adapter):
             on_publish=self._on_publish,
             on_lost=self._on_lost,
             reply_timeout=self.opts.connect_timeout,
-            ssl=ssl.create_default_context() if self.tls else None,
+            # A fresh context per connection: renewed certificate files are read again.
+            ssl=None if self.tls_settings is None else self.tls_settings.context(),
         )
         if conn is not self._conn:
             self._adopt(conn)
@@ -276,7 +288,7 @@ class MqttAdapter(Adapter):
             except (OSError, TimeoutError, w.MqttError) as exc:
                 failures += 1
                 self._state = ConnState.DISCONNECTED
-                self._detail = str(exc) or type(exc).__name__
+                self._detail = describe(exc, self.security)
                 delay = await anext(delays, None)
                 if delay is None or (
                     self.backoff.attempts is not None and failures >= self.backoff.attempts
@@ -305,8 +317,9 @@ class MqttAdapter(Adapter):
                     break
                 except (OSError, TimeoutError, w.MqttError) as exc:
                     self._state = ConnState.DISCONNECTED
-                    self._detail = f"reconnecting: {exc or type(exc).__name__}"
-                    self.log.warning("reconnect to %s failed: %s", self.safe_url, exc)
+                    cause = describe(exc, self.security)
+                    self._detail = f"reconnecting: {cause}"
+                    self.log.warning("reconnect to %s failed: %s", self.safe_url, cause)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.backoff.maximum)
 

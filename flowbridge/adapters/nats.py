@@ -40,6 +40,7 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, FlowbridgeError, PublishError
+from flowbridge.security import SecuredOptions, describe, security_of, tls_for
 
 Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
@@ -48,7 +49,7 @@ _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 
 
-class NatsBrokerOptions(Options):
+class NatsBrokerOptions(SecuredOptions):
     name: str = "flowbridge"
     no_echo: bool = True  # the server never hands us our own publishes (no bridge loops)
     jetstream_domain: str | None = None
@@ -90,6 +91,19 @@ class _Client(Client):
         super().__init__()
         self.fb_handlers: dict[int, Handler] = {}
         self.fb_errors: Callable[[BaseException], None] = lambda exc: None
+        self.fb_require_tls = False
+
+    def _connect_command(self) -> bytes:
+        # nats-py upgrades to TLS only when the server's INFO asks for it; a server (or
+        # anything in between) that does not must not get credentials or data in clear.
+        if self.fb_require_tls:
+            writer = getattr(self._transport, "_io_writer", None)
+            if writer is None or writer.get_extra_info("ssl_object") is None:
+                raise nats.errors.Error(
+                    "TLS is configured but the server did not start TLS (its INFO has no "
+                    "tls_required); refusing to continue in clear"
+                )
+        return super()._connect_command()
 
     async def _process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
@@ -406,6 +420,8 @@ class NatsAdapter(Adapter):
             options = NatsBrokerOptions.model_validate(options.model_dump())
         super().__init__(name, url, options, backoff)
         self.opts: NatsBrokerOptions = options
+        self.security = security_of(options)
+        self.tls = tls_for(url, self.security)
         self.stats: dict[str, int] = {
             "dropped_slow_consumer": 0,
             "callback_errors": 0,
@@ -469,6 +485,7 @@ class NatsAdapter(Adapter):
         while True:
             nc = _Client()
             nc.fb_errors = self._handler_error
+            nc.fb_require_tls = self.tls is not None
             dial_errors: list[Exception] = []
 
             def only_adopted(
@@ -506,13 +523,14 @@ class NatsAdapter(Adapter):
                     disconnected_cb=only_adopted(self._on_disconnected),
                     reconnected_cb=only_adopted(self._on_reconnected),
                     closed_cb=only_adopted(self._on_closed),
+                    **self._login(),
                 )
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await nc.close()
                 failures += 1
                 real = dial_errors[-1] if dial_errors else exc
-                cause = f"{type(real).__name__}: {real}".rstrip(": ")
+                cause = describe(real, self.security)
                 if attempts is not None and failures >= attempts:
                     raise ConnectError(
                         f"broker {self.name} ({_redact(self.url)}): {cause}"
@@ -526,6 +544,28 @@ class NatsAdapter(Adapter):
             nc.options["allow_reconnect"] = True
             nc.options["max_reconnect_attempts"] = -1
             return nc
+
+    def _login(self) -> dict[str, Any]:
+        """nats-py's TLS and credential arguments.  Secrets go in as callables, so the
+        client's options never hold them in clear."""
+        kwargs: dict[str, Any] = {}
+        if self.tls is not None:
+            # A fresh context per dial: renewed certificate files are read again.
+            kwargs["tls"] = self.tls.context()
+        auth = self.security.auth
+        if auth is None:
+            return kwargs
+        if auth.username is not None:
+            kwargs["user"] = auth.username
+        if auth.password is not None:
+            kwargs["password"] = auth.password.get_secret_value
+        if auth.token is not None:
+            kwargs["token"] = auth.token.get_secret_value
+        if auth.creds_file is not None:
+            kwargs["user_credentials"] = auth.creds_file
+        if auth.nkey_file is not None:
+            kwargs["nkeys_seed"] = auth.nkey_file
+        return kwargs
 
     async def _adopt(self, nc: _Client) -> None:
         """Make ``nc`` the connection and (re)place every subscription we own on it."""
@@ -575,7 +615,7 @@ class NatsAdapter(Adapter):
         try:
             if isinstance(exc, nats.errors.SlowConsumerError):
                 self.stats["dropped_slow_consumer"] += 1
-            self.log.warning("nats: %r", exc)
+            self.log.warning("nats: %s", self.security.scrub(repr(exc)))
         except Exception:  # a raising callback would stop nats-py's reconnect loop
             self.stats["callback_errors"] += 1
 
