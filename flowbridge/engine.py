@@ -6,7 +6,8 @@ batch (at-least-once) -- so the source's own unacked window is the backpressure 
 queue in between can grow.  Order is kept because a route never has two batches in flight.
 
 Loops: every message the bridge publishes where the target has headers carries
-``flowbridge-via: <bridge id>``; a route drops (and acks) anything that carries its own id.
+``flowbridge-via: <bridge id> <topic>``; a route drops (and acks) a message that arrives on
+the very topic its own via header names.
 Where the target has no headers (MQTT 3.1.1) the engine remembers, for a short while, what it
 published to a topic that one of its own routes subscribes to, and that route drops exactly
 that many copies when they come back.
@@ -28,7 +29,7 @@ from flowbridge.adapters.base import Adapter, Delivery, Message, Options, Publis
 from flowbridge.config import Config, DeadLetter, Route, Target
 from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
 from flowbridge.template import Template
-from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic
+from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic, translate_topic
 
 log = logging.getLogger("flowbridge.engine")
 
@@ -167,11 +168,10 @@ class RouteRunner:
             for t in route.targets
         ]
         via = bridge.config.bridge.id
-        self.via = via
-        self.provenance: tuple[tuple[str, str], ...] = (
-            (VIA, via),
-            (SOURCE_PROTOCOL, self.protocol),
-        )
+        # "<bridge id> <topic it was published to>": an echo comes back on that very topic,
+        # while a reply whose sender copied the request's headers (nats-py's respond() does)
+        # arrives elsewhere and is forwarded.
+        self.via = via + " "
         dl = route.dead_letter
         self.dead_letter: DeadLetter | None = dl
         self.dead_adapter = bridge.adapters[dl.broker] if dl else None
@@ -228,11 +228,12 @@ class RouteRunner:
         index: list[list[int]] = [[] for _ in targets]
         dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
         via = self.via
+        protocol = self.protocol
         for i, d in enumerate(batch):
             m = d.message
             st.bytes_in += len(m.payload)
             headers = m.headers
-            if headers is not None and (VIA, via) in headers:
+            if headers is not None and (VIA, via + m.topic) in headers:
                 st.echo_suppressed += 1
                 continue
             if self.guard_echo and self.bridge.echo.consume(self.name, m.topic, m.payload):
@@ -248,7 +249,11 @@ class RouteRunner:
                     dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
                     continue
                 if t.headers:
-                    extra = (*self.provenance, (SOURCE_TOPIC, m.topic))
+                    extra = (
+                        (VIA, via + name),
+                        (SOURCE_PROTOCOL, protocol),
+                        (SOURCE_TOPIC, m.topic),
+                    )
                     if headers:
                         kept = [h for h in headers if h[0] not in _OWN]
                         out_headers = [*kept, *extra]
@@ -256,13 +261,16 @@ class RouteRunner:
                         out_headers = list(extra)
                     # Kafka keys come from the real topic, never from the route's filter.
                     key = m.key if m.key is not None or not t.keyed else m.topic.encode()
+                    reply = m.reply_to
+                    if reply is not None and t.spec.protocol != protocol:
+                        reply = self._reply_name(reply, t.spec.protocol)
                     out = Message(
                         name,
                         m.payload,
                         out_headers,
                         m.content_type,
                         m.correlation_id,
-                        m.reply_to,
+                        reply,
                         m.message_id,
                         m.timestamp,
                         key,
@@ -285,6 +293,15 @@ class RouteRunner:
             d.ack()
         st.in_flight = 0
         st.observe(time.monotonic() - started, len(batch))
+
+    def _reply_name(self, reply: str, target: str) -> str | None:
+        """A reply topic in the target's protocol, so a responder there answers somewhere a
+        reverse route can carry back; None (counted) when the target cannot name it."""
+        try:
+            return translate_topic(reply, self.protocol, target)
+        except TopicError:
+            self.stats.dropped["reply-to not representable"] += 1
+            return None
 
     async def _publish(
         self,
@@ -409,7 +426,7 @@ class RouteRunner:
                 (DEAD_ROUTE, self.name),
                 (SOURCE_PROTOCOL, self.protocol),
                 (SOURCE_TOPIC, m.topic),
-                (VIA, self.via),
+                (VIA, self.via + self.dead_letter.topic),
             ]
             msgs.append(
                 Message(

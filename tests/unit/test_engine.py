@@ -95,7 +95,7 @@ routes:
     assert out.payload == b"21.5"
     assert out.headers is not None
     assert out.headers[:2] == [("unit", "C"), ("unit", "K")]
-    assert (VIA, "flowbridge") in out.headers
+    assert (VIA, "flowbridge sensors.a//b.t") in out.headers
     assert (SOURCE_TOPIC, "sensors/a.b/t") in out.headers
     queue = broker("edge").queues[0]
     await settle(lambda: queue.acked == [1])
@@ -326,3 +326,20 @@ routes:
     assert sorted(m.payload for m in broker("core").published) == [b"1", b"2", b"3", b"4", b"5"]
     assert [m.topic for m in broker("edge").published][-1] == "e/5"
     assert up_runner.stats.forwarded == 2
+
+
+async def test_reply_to_is_translated_for_the_target(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    await start(
+        TWO
+        + """
+routes:
+  - name: req
+    from: {broker: core, filter: "svc.>"}
+    to: [{broker: edge}]
+"""
+    )
+    broker("core").deliver(Message("svc.time", b"?", reply_to="_INBOX.ab.c1"))
+    await settle(lambda: len(broker("edge").published) == 1)
+    assert broker("edge").published[0].reply_to == "_INBOX/ab/c1"
