@@ -165,6 +165,7 @@ class MqttAdapter(Adapter):
         self._order: deque[_Inbound] = deque()
         self._routes: dict[int, _Route] = {}
         self._match_cache: dict[str, list[_Route]] = {}
+        self._shared_filters = False  # two routes subscribe to the same filter
         self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
         self._orphans_dropped = 0
         self._qos2_unreleased: list[int] = []
@@ -390,6 +391,7 @@ class MqttAdapter(Adapter):
             sid = sid % 268_435_454 + 1
         route = _Route(self, sub, sid, opts)
         self._routes[sid] = route
+        self._note_shared_filters()
         self._match_cache.clear()
         try:
             self._adopt_orphans(route)
@@ -413,9 +415,19 @@ class MqttAdapter(Adapter):
         finally:
             del self._routes[sid]
             self._match_cache.clear()
+            self._note_shared_filters()
             conn = self._conn
-            if not sub.durable and not self._closed and conn is not None and not conn.closed:
-                task = asyncio.create_task(self._unsubscribe(conn, route.filters))
+            # A filter another route still uses stays subscribed (it is one subscription).
+            in_use = {f for r in self._routes.values() for f in r.filters}
+            gone = [f for f in route.filters if f not in in_use]
+            if (
+                gone
+                and not sub.durable
+                and not self._closed
+                and conn is not None
+                and not conn.closed
+            ):
+                task = asyncio.create_task(self._unsubscribe(conn, gone))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -488,14 +500,25 @@ class MqttAdapter(Adapter):
                 route.wake.set()
         self._update_flow()
 
+    def _note_shared_filters(self) -> None:
+        seen: set[str] = set()
+        shared = False
+        for r in self._routes.values():
+            for f in r.filters:
+                shared = shared or f in seen
+                seen.add(f)
+        self._shared_filters = shared
+
     def _targets(
         self, p: w.Publish, routes: dict[int, _Route], single: _Route | None
     ) -> list[_Route]:
         props = p.properties
         if props:
             sids = props.get(w.SUBSCRIPTION_ID)
-            if sids:
+            if sids and not self._shared_filters:
                 return [routes[s] for s in sids if s in routes]
+        # Without identifiers (3.1.1), or when routes share a filter: a session holds one
+        # subscription per filter, so the broker names only the route that subscribed last.
         topic = p.topic
         found = self._match_cache.get(topic)
         if found is None:
