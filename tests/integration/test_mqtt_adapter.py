@@ -142,9 +142,7 @@ class ConfiguredMosquitto(Mosquitto):
     def command(self) -> list[str]:
         cmd = super().command()
         conf = Path(cmd[-1])
-        # Started as root, mosquitto would switch to its own user, which cannot read the
-        # test's private directory.
-        text = conf.read_text() + "user root\n" + self.extra
+        text = conf.read_text() + self.extra  # the base config already runs it as root
         if self.acl is not None:
             acl = Path(self.workdir) / "acl"
             acl.write_text(self.acl)
