@@ -230,9 +230,9 @@ class AdapterContract:
         topic = await self.new_topic()
         native = await self.native(topic)
         pub = await self.adapter("pub")
-        r = await self.live(
-            await self.adapter("sub"), self.sub(topic, durable=self.can_ack), pub, topic
-        )
+        sub = await self.adapter("sub")
+        r = await self.live(sub, self.sub(topic, durable=self.can_ack), pub, topic)
+        assert sub.health().ok  # connected, and the subscription is active on the broker
         # Every byte value appears, NUL and CR LF included.
         payloads = [b"m%03d:" % i + bytes(range(i * 5, i * 5 + 5)) for i in range(50)]
         await self.send(pub, topic, payloads)
@@ -339,7 +339,14 @@ class AdapterContract:
         for d in got[:3]:
             d.ack()
         await first.close()
-        await r1.stop()
+        # Closing the adapter ends its subscriptions cleanly: no error, and no
+        # CancelledError out of a task that nobody cancelled.
+        done, _ = await asyncio.wait({r1.task}, timeout=5.0)
+        assert done, "the subscription still runs 5s after its adapter closed"
+        assert not r1.task.cancelled(), "the subscription raised CancelledError after close"
+        assert r1.error is None
+        # Reopened at once (a restart, a reload): acks given before close must have reached
+        # the broker by the time close returned.
         r2 = self.reader(await self.adapter("dur"), sub)
         if self.can_ack:
             await r2.wait_for(3, within=15.0)
@@ -508,16 +515,19 @@ class TestNatsJetStream(_Nats):
 class _Mqtt(AdapterContract):
     adapter_class = MqttAdapter
     version: ClassVar[Literal["5", "3.1.1"]]
-    sessions: list[str]
+    sessions: set[str]
 
     @pytest.fixture
     def broker_url(self, mqtt_url: str) -> str:
         return mqtt_url
 
+    async def setup_broker(self) -> None:
+        self.sessions = set()
+
     def make(self, role: str, url: str, **options: Any) -> Adapter:
         client_id = f"fbc-{self.u}-{role}"
         if url == self.url:
-            self.sessions = [*getattr(self, "sessions", []), client_id]
+            self.sessions.add(client_id)
         opts = MqttBrokerOptions.model_validate(
             {"version": self.version, "client_id": client_id, "session_expiry": 60, **options}
         )
@@ -541,7 +551,7 @@ class _Mqtt(AdapterContract):
     async def cleanup(self) -> None:
         # Persistent sessions of the adapters would outlive the test on the shared broker.
         host, port = host_port(self.url, 1883)
-        for client_id in set(getattr(self, "sessions", [])):
+        for client_id in self.sessions:
             if self.version == "5":
                 client = aiomqtt.Client(
                     host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
