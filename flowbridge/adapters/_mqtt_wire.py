@@ -10,6 +10,7 @@ queued by the owner (so they can wait until a downstream target confirmed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -831,6 +832,7 @@ class MqttConnection(asyncio.Protocol):
         self._last_read = loop.time()
         self._paused = False
         self._ping_task: asyncio.Task[None] | None = None
+        self._eof: asyncio.Future[None] | None = None  # the broker closed after DISCONNECT
 
     # -- asyncio.Protocol
 
@@ -856,6 +858,8 @@ class MqttConnection(asyncio.Protocol):
             self.on_publish(self, publishes)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._eof is not None and not self._eof.done():
+            self._eof.set_result(None)
         self._abort(exc)
 
     def pause_writing(self) -> None:
@@ -1107,11 +1111,19 @@ class MqttConnection(asyncio.Protocol):
     async def unsubscribe(self, filters: Sequence[str], reply_timeout: float = 10.0) -> list[int]:
         return await self._request(lambda pid: Unsubscribe(pid, list(filters)), reply_timeout)
 
-    async def disconnect(self, reason_code: int = 0, props: Props | None = None) -> None:
+    async def disconnect(
+        self, reason_code: int = 0, props: Props | None = None, *, linger: float = 1.0
+    ) -> None:
+        """Send DISCONNECT and wait (up to ``linger`` s) for the broker to close the socket:
+        only then has it processed the acks sent before, so a session taken over right after
+        does not get those messages again."""
         if self.closed or self.transport is None:
             return
         self._send(encode(Disconnect(reason_code, props or {}), self.version))
         self.flush()
+        self._eof = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._eof), linger)
         self._abort(None, graceful=True)
 
 

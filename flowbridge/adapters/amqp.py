@@ -677,11 +677,18 @@ class _Consumer:
         self.lose()
         ch = self.channel
         self.channel = None
-        if ch is not None and not ch.is_closed:
+        # When the whole connection is closing, it takes its channels down itself; closing
+        # the channel here would race it and surface aiormq's CancelledError in the route.
+        if ch is not None and not ch.is_closed and not self.adapter.closing:
             try:
                 await asyncio.wait_for(ch.close(), _FLUSH_TIMEOUT)
             except (AMQPError, TimeoutError, OSError) as exc:
                 self.adapter.log.debug("closing channel: %s", exc)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # a real cancellation of this route
+                self.adapter.log.debug("closing channel: connection went away")
 
 
 # --- the adapter ----------------------------------------------------------------------

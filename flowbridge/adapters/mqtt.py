@@ -122,13 +122,17 @@ class _Route:
         self.retain_as_published = opts.retain_as_published
         self.filters = [f"$share/{sub.group}/{f}" if sub.group else f for f in sub.filters]
         self.pending: list[Delivery] = []
-        self.unacked = 0
+        self.unacked = 0  # received with QoS >= 1 and not acked (pending or handed out)
+        self.handed = 0  # handed to the route and not acked: bounded by max_in_flight
         self.wake = asyncio.Event()
         self.active = False  # subscribed in the broker's current session
         self.error: Exception | None = None
 
     def ack(self, token: Any) -> None:
         self.unacked -= 1
+        self.handed -= 1
+        if self.pending and self.handed < self.sub.max_in_flight:
+            self.wake.set()
         self.adapter._ack(token)
 
     def matches(self, topic: str) -> bool:
@@ -400,9 +404,13 @@ class MqttAdapter(Adapter):
             while True:
                 if route.error is not None:
                     raise route.error
-                if route.pending:
-                    batch = route.pending
-                    route.pending = []
+                room = sub.max_in_flight - route.handed
+                if route.pending and room > 0:
+                    # Messages past the window stay here, unacked at the broker, until acks
+                    # make room: the route never holds more than max_in_flight.
+                    batch = route.pending[:room]
+                    del route.pending[:room]
+                    route.handed += sum(1 for d in batch if d.settler is not None)
                     conn = self._conn
                     if conn is not None and conn.paused:
                         self._update_flow()
