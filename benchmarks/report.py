@@ -1,0 +1,209 @@
+"""Benchmark results as JSON, a Markdown table (with the product targets checked) and a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def _f(v: Any, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KB" if n >= 1024 else f"{n} B"
+
+
+def _key(r: Row) -> tuple[str, str, int]:
+    return (r["case"], r["mode"], r["size"])
+
+
+def _find(rows: list[Row], key: tuple[str, str, int], impl: str) -> Row | None:
+    for r in rows:
+        if _key(r) == key and r["impl"] == impl and not r["error"]:
+            return r
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = (
+        "| direction | delivery | size | impl | msg/s | MB/s | delivered | dups | "
+        "lat p50 / p99 / p99.9 (us) | added p50 / p99 (us) | bridge CPU | peak RSS | "
+        "flowbridge / mq-bridge |\n|" + "---|" * 13
+    )
+    out = [head]
+    for r in rows:
+        key = _key(r)
+        if r["error"]:
+            err = r["error"].splitlines()[0][:120].replace("|", "/")
+            out.append(
+                f"| {r['case']} | {r['mode']} | {_size(r['size'])} | {r['impl']} | "
+                f"ERROR: {err} |||||||||"
+            )
+            continue
+        base = _find(rows, key, "direct")
+        added = "-"
+        if r["impl"] != "direct" and base and r["p50_us"] is not None and base["p50_us"]:
+            added = f"{r['p50_us'] - base['p50_us']:+.0f} / {r['p99_us'] - base['p99_us']:+.0f}"
+        ratio = "-"
+        if r["impl"] == "flowbridge":
+            peer = _find(rows, key, "mq-bridge")
+            if peer:
+                ratio = f"{_ratio(r['msgs_per_s'], peer['msgs_per_s'])}x rate"
+        lat = f"{_f(r['p50_us'])} / {_f(r['p99_us'])} / {_f(r['p999_us'])}"
+        out.append(
+            f"| {r['case']} | {r['mode']} | {_size(r['size'])} | {r['impl']} | "
+            f"{_f(r['msgs_per_s'])} | {_f(r['mb_per_s'], '.1f')} | "
+            f"{_f(r['delivered_pct'], '.2f')}% | {r['dups']} | {lat} | {added} | "
+            f"{_f(r['cpu_pct'])}{'%' if r['cpu_pct'] is not None else ''} | "
+            f"{_f(r['rss_mb'], '.0f')}{' MB' if r['rss_mb'] else ''} | {ratio} |"
+        )
+    return "\n".join(out)
+
+
+def targets(rows: list[Row]) -> str:
+    """The product targets, checked against this run (n/a when the case did not run)."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def check(name: str, measured: str, ok: bool | None) -> None:
+        lines.append(f"| {name} | {measured} | {'n/a' if ok is None else 'yes' if ok else 'NO'} |")
+
+    k = ("MQTT->NATS", "at-most-once", 100)
+    fb, peer = _find(rows, k, "flowbridge"), _find(rows, k, "mq-bridge")
+    check(
+        "MQTT->NATS at-most-once 100 B: rate >= mq-bridge, 100% delivered",
+        f"{_f(fb and fb['msgs_per_s'])} vs {_f(peer and peer['msgs_per_s'])} msg/s, "
+        f"{_f(fb and fb['delivered_pct'], '.2f')}%",
+        None
+        if not fb or not peer
+        else fb["msgs_per_s"] >= peer["msgs_per_s"] and fb["delivered_pct"] >= 100.0,
+    )
+    fb = _find(rows, ("NATS->NATS rewrite", "at-most-once", 100), "flowbridge")
+    check(
+        "NATS->NATS rewrite >= 200k msg/s, zero loss",
+        f"{_f(fb and fb['msgs_per_s'])} msg/s, {_f(fb and fb['delivered_pct'], '.2f')}%",
+        None if not fb else fb["msgs_per_s"] >= 200_000 and fb["delivered_pct"] >= 100.0,
+    )
+    for case in ("Kafka->NATS", "NATS->Kafka"):
+        fb = _find(rows, (case, "at-least-once", 100), "flowbridge")
+        check(
+            f"{case} at-least-once >= 50k msg/s",
+            f"{_f(fb and fb['msgs_per_s'])} msg/s, {_f(fb and fb['delivered_pct'], '.2f')}%",
+            None if not fb else fb["msgs_per_s"] >= 50_000 and fb["delivered_pct"] >= 100.0,
+        )
+    worst50: tuple[float, str] | None = None
+    worst99: tuple[float, str] | None = None
+    rss: tuple[float, str] | None = None
+    for r in rows:
+        if r["impl"] != "flowbridge" or r["error"]:
+            continue
+        where = f"{r['case']} {r['mode']} {_size(r['size'])}"
+        base = _find(rows, _key(r), "direct")
+        if base and r["p50_us"] is not None and base["p50_us"] is not None:
+            a50 = r["p50_us"] - base["p50_us"]
+            a99 = r["p99_us"] - base["p99_us"]
+            worst50 = max(worst50 or (a50, where), (a50, where))
+            worst99 = max(worst99 or (a99, where), (a99, where))
+        if r["rss_mb"]:
+            rss = max(rss or (r["rss_mb"], where), (r["rss_mb"], where))
+    check(
+        "added latency at 1k msg/s: p50 <= 300 us over direct (worst direction)",
+        f"{_f(worst50 and worst50[0], '+.0f')} us ({worst50[1] if worst50 else '-'})",
+        None if worst50 is None else worst50[0] <= 300,
+    )
+    check(
+        "added latency at 1k msg/s: p99 <= 1 ms over direct (worst direction)",
+        f"{_f(worst99 and worst99[0], '+.0f')} us ({worst99[1] if worst99 else '-'})",
+        None if worst99 is None else worst99[0] <= 1000,
+    )
+    check(
+        "bridge peak RSS <= 80 MB (largest)",
+        f"{_f(rss and rss[0], '.0f')} MB ({rss[1] if rss else '-'})",
+        None if rss is None else rss[0] <= 80,
+    )
+    return "\n".join(lines)
+
+
+def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
+    ceilings = sorted(
+        {
+            (r["mode"], r["size"], r["note"].split(" ", 1)[0], r["pub_rate"], r["msgs_per_s"])
+            for r in rows
+            if r["impl"] == "direct" and not r["error"]
+        },
+        key=lambda c: (c[2], c[0], c[1]),
+    )
+    gen = ["| generator | delivery | size | publisher alone-ish send rate | pub -> sub direct |"]
+    gen.append("|---|---|---|---|---|")
+    for mode, size, proto, pub, direct in ceilings:
+        gen.append(f"| {proto} | {mode} | {_size(size)} | {_f(pub)} msg/s | {_f(direct)} msg/s |")
+    return (
+        f"# flowbridge benchmark results\n\n"
+        f"- command: `{meta['command']}`\n- date: {meta['date']}\n- machine: {meta['machine']}\n"
+        f"- peer: {meta['peer']}\n- throughput runs: {meta['counts']} messages per payload "
+        f"size; latency: {meta['latency']}\n- wall time: {meta['elapsed_s']} s\n\n"
+        "## Targets\n\n" + targets(rows) + "\n\n## All cases\n\n"
+        "`direct` is the same publisher and subscriber on the source broker with no bridge; "
+        "`added` is the bridge's latency minus direct. CPU is the bridge process over the "
+        "throughput window (100% = one core); RSS is its peak (VmHWM).\n\n"
+        + table(rows)
+        + "\n\n## Load generator ceilings\n\n"
+        "The publisher's send rate in the direct run (a Kafka source is pre-filled, so it has "
+        "none) and what one subscriber takes directly: bridged rates below these are the "
+        "bridge's, not the generators'.\n\n" + "\n".join(gen) + "\n"
+    )
+
+
+def chart(path: Path, rows: list[Row]) -> bool:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    keys: list[tuple[str, str, int]] = []
+    for r in rows:
+        if _key(r) not in keys:
+            keys.append(_key(r))
+    impls = ["direct", "flowbridge", "mq-bridge"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, len(keys) * 0.9), 9))
+    width = 0.27
+    for i, impl in enumerate(impls):
+        rate, p99 = [], []
+        for k in keys:
+            found = _find(rows, k, impl)
+            rate.append((found and found["msgs_per_s"]) or 0)
+            p99.append(((found and found["p99_us"]) or 0) / 1000)
+        xs = [j + (i - 1) * width for j in range(len(keys))]
+        ax1.bar(xs, rate, width, label=impl)
+        ax2.bar(xs, p99, width, label=impl)
+    labels = [f"{c}\n{m.replace('at-', '')}\n{_size(s)}" for c, m, s in keys]
+    for ax, title in ((ax1, "throughput (msg/s)"), (ax2, "latency p99 at 1k msg/s (ms)")):
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(title)
+        ax.legend()
+    ax1.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(outdir: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
+    outdir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": outdir / "results.json", "md": outdir / "results.md"}
+    paths["json"].write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    paths["md"].write_text(markdown(meta, rows))
+    png = outdir / "results.png"
+    if chart(png, rows):
+        paths["png"] = png
+    return paths

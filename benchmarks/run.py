@@ -1,0 +1,813 @@
+"""flowbridge benchmark: ``python -m benchmarks [--quick] [--only SUBSTR] [--no-peer]``.
+
+Per case (direction, delivery, payload size) and per implementation (``direct``: the same
+publisher and subscriber on the source broker, no bridge; ``flowbridge``; ``mq-bridge``):
+
+1. throughput: a fixed number of messages as fast as the publisher can send (for a Kafka
+   source the topic is filled first and the bridge drains it); msg/s and MB/s at the
+   subscriber, percent delivered (distinct sequence numbers), duplicates;
+2. latency: a fixed 1,000 msg/s, one-way latency from the timestamp in each payload;
+3. the bridge process's CPU (``/proc/PID/stat`` sampled during the throughput window) and
+   peak RSS (``VmHWM``).
+
+Every broker is the benchmark's own (free loopback ports); generators and bridges are
+separate processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.brokers import BenchMosquitto, NatsServer, RabbitMQ, Tansu
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LAT_RATE = 1000.0
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+@dataclass
+class Brokers:
+    nats: str
+    mqtt: str
+    amqp: str
+    kafka: str  # host:port
+
+    @property
+    def amqp_vhost(self) -> str:
+        # lapin (mq-bridge) reads an empty path as vhost "", not "/"
+        return self.amqp.rstrip("/") + "/%2f"
+
+    @property
+    def mqtt_tcp(self) -> str:
+        return self.mqtt.replace("mqtt://", "tcp://")
+
+
+@contextlib.contextmanager
+def brokers() -> Iterator[Brokers]:
+    with contextlib.ExitStack() as stack:
+        say("starting brokers of our own: nats-server, mosquitto, Tansu, RabbitMQ")
+        nats = stack.enter_context(NatsServer())
+        mqtt = stack.enter_context(BenchMosquitto())
+        kafka = stack.enter_context(Tansu())
+        rabbit = stack.enter_context(RabbitMQ())
+        yield Brokers(nats.url, mqtt.url, rabbit.url, kafka.bootstrap)
+
+
+def kafka_create(b: Brokers, topic: str) -> None:
+    _admin_script(
+        f"""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        a = AIOKafkaAdminClient(bootstrap_servers={b.kafka!r})
+        await a.start()
+        try:
+            await a.create_topics([NewTopic({topic!r}, 1, 1)])
+        finally:
+            await a.close()
+        """
+    )
+
+
+def js_stream(b: Brokers, name: str, subjects: list[str]) -> None:
+    _admin_script(
+        f"""
+        import nats
+        nc = await nats.connect({b.nats!r})
+        await nc.jetstream().add_stream(name={name!r}, subjects={subjects!r}, storage="memory")
+        await nc.close()
+        """
+    )
+
+
+def _admin_script(body: str) -> None:
+    code = "import asyncio\nasync def main():\n" + textwrap.indent(textwrap.dedent(body), "    ")
+    code += "\nasyncio.run(main())\n"
+    subprocess.run([PY, "-c", code], check=True, timeout=60, cwd=ROOT)
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class End:
+    proto: str
+    topic: str
+    qos: int = 0
+
+
+@dataclass
+class Case:
+    name: str  # e.g. "MQTT->NATS"
+    mode: str  # "at-most-once" | "at-least-once"
+    tag: str
+    pub: End
+    sub: End
+    flowbridge: str  # mapping file text
+    peer: dict[str, Any] | None  # mq-bridge route, None when it cannot express it
+    peer_note: str = ""
+    prefill: bool = False  # Kafka source: fill the topic, then let the bridge drain it
+    setup: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _fb(b: Brokers, route: str, *, durable: bool) -> str:
+    client = f"fb-{uuid.uuid4().hex[:8]}"
+    return textwrap.dedent(
+        f"""\
+        bridge: {{id: bench}}
+        brokers:
+          nats: {{url: "{b.nats}"}}
+          mqtt: {{url: "{b.mqtt}", options: {{version: "5", client_id: "{client}"}}}}
+          amqp: {{url: "{b.amqp}"}}
+          kafka:
+            url: "kafka://{b.kafka}"
+            options: {{session_timeout_ms: 3000, heartbeat_interval_ms: 500}}
+        routes:
+          - name: bench
+            delivery: {"at-least-once" if durable else "at-most-once"}
+        """
+    ) + textwrap.indent(textwrap.dedent(route), "    ")
+
+
+def cases(b: Brokers, size: int) -> list[Case]:
+    out: list[Case] = []
+
+    def tag(short: str) -> str:
+        return f"{short}{size}x{uuid.uuid4().hex[:6]}"
+
+    mqtt_in = {"url": b.mqtt_tcp, "protocol": "v5"}
+    nats_core = {"url": b.nats, "no_jetstream": True}
+    for mode, qos in (("at-most-once", 0), ("at-least-once", 1)):
+        durable = qos == 1
+        t = tag("mn")
+        out.append(
+            Case(
+                "MQTT->NATS",
+                mode,
+                t,
+                End("mqtt", f"bench/{t}", qos),
+                End("nats", f"bench.{t}"),
+                _fb(
+                    b,
+                    f"""\
+                    from: {{broker: mqtt, filter: "bench/{t}", options: {{qos: {qos}}}}}
+                    to: {{broker: nats}}
+                    """,
+                    durable=durable,
+                ),
+                {
+                    "input": {"mqtt": {**mqtt_in, "topic": f"bench/{t}", "qos": qos}},
+                    "output": {"nats": {**nats_core, "subject": f"bench.{t}"}},
+                },
+            )
+        )
+    t = tag("nm")
+    out.append(
+        Case(
+            "NATS->MQTT",
+            "at-most-once",
+            t,
+            End("nats", f"bench.{t}"),
+            End("mqtt", f"bench/{t}"),
+            _fb(
+                b,
+                f"""\
+                from: {{broker: nats, filter: "bench.{t}"}}
+                to: {{broker: mqtt, options: {{qos: 0}}}}
+                """,
+                durable=False,
+            ),
+            {
+                "input": {
+                    "nats": {
+                        **nats_core,
+                        "subject": f"bench.{t}",
+                        "subscriber_mode": True,
+                        "stream": "unused",
+                    }
+                },
+                "output": {"mqtt": {"url": b.mqtt_tcp, "topic": f"bench/{t}", "qos": 0}},
+            },
+        )
+    )
+    t = tag("nn")
+    out.append(
+        Case(
+            "NATS->NATS rewrite",
+            "at-most-once",
+            t,
+            End("nats", f"in.{t}.x"),
+            End("nats", f"out.{t}.x"),
+            _fb(
+                b,
+                f"""\
+                from: {{broker: nats, filter: "in.{t}.*"}}
+                to: {{broker: nats, topic: "out.{{2}}.{{3}}"}}
+                """,
+                durable=False,
+            ),
+            {
+                "input": {
+                    "nats": {
+                        **nats_core,
+                        "subject": f"in.{t}.*",
+                        "subscriber_mode": True,
+                        "stream": "unused",
+                    }
+                },
+                "output": {"nats": {**nats_core, "subject": f"out.{t}.x"}},
+            },
+            peer_note="mq-bridge cannot rewrite subjects: fixed target subject",
+        )
+    )
+    t = tag("nk")
+    out.append(
+        Case(
+            "NATS->Kafka",
+            "at-most-once",
+            t,
+            End("nats", f"bench.{t}"),
+            End("kafka", f"bench.{t}"),
+            _fb(
+                b,
+                f"""\
+                from: {{broker: nats, filter: "bench.{t}"}}
+                to: {{broker: kafka}}
+                """,
+                durable=False,
+            ),
+            {
+                "input": {
+                    "nats": {
+                        **nats_core,
+                        "subject": f"bench.{t}",
+                        "subscriber_mode": True,
+                        "stream": "unused",
+                    }
+                },
+                "output": {"kafka": {"url": b.kafka, "topic": f"bench.{t}", "delayed_ack": True}},
+            },
+            setup=[lambda t=t: kafka_create(b, f"bench.{t}")],  # type: ignore[misc]
+        )
+    )
+    t = tag("jk")
+    out.append(
+        Case(
+            "NATS->Kafka",
+            "at-least-once",
+            t,
+            End("nats", f"js{t}.x"),
+            End("kafka", f"bench.{t}"),
+            _fb(
+                b,
+                f"""\
+                from:
+                  broker: nats
+                  filter: "js{t}.>"
+                  options: {{jetstream: {{stream: "js{t}"}}}}
+                to: {{broker: kafka, topic: "bench.{t}"}}
+                """,
+                durable=True,
+            ),
+            {
+                "input": {"nats": {"url": b.nats, "subject": f"js{t}.>", "stream": f"js{t}"}},
+                "output": {"kafka": {"url": b.kafka, "topic": f"bench.{t}"}},
+            },
+            peer_note="JetStream durable consumer -> Kafka acks",
+            setup=[
+                lambda t=t: kafka_create(b, f"bench.{t}"),  # type: ignore[misc]
+                lambda t=t: js_stream(b, f"js{t}", [f"js{t}.>"]),  # type: ignore[misc]
+            ],
+        )
+    )
+    for mode in ("at-most-once", "at-least-once"):
+        durable = mode == "at-least-once"
+        t = tag("kn")
+        dst = f"kt{t}.x" if durable else f"bench.{t}"
+        target = (
+            f'{{broker: nats, topic: "{dst}", options: {{jetstream: true}}}}'
+            if durable
+            else "{broker: nats}"
+        )
+        setup: list[Callable[[], None]] = [lambda t=t: kafka_create(b, f"bench.{t}")]  # type: ignore[misc]
+        nats_out: dict[str, Any] = {"url": b.nats, "subject": dst}
+        if durable:
+            setup.append(lambda t=t: js_stream(b, f"kt{t}", [f"kt{t}.>"]))  # type: ignore[misc]
+            nats_out["stream"] = f"kt{t}"
+        else:
+            nats_out["no_jetstream"] = True
+        out.append(
+            Case(
+                "Kafka->NATS",
+                mode,
+                t,
+                End("kafka", f"bench.{t}"),
+                End("nats", dst),
+                _fb(
+                    b,
+                    f"""\
+                    from:
+                      broker: kafka
+                      filter: "bench.{t}"
+                      group: "g{t}"
+                      options: {{start: earliest}}
+                    to: {target}
+                    """,
+                    durable=durable,
+                ),
+                {
+                    "input": {
+                        "kafka": {
+                            "url": b.kafka,
+                            "topic": f"bench.{t}",
+                            "group_id": f"p{t}",
+                            "consumer_options": [["auto.offset.reset", "earliest"]],
+                        }
+                    },
+                    "output": {"nats": nats_out},
+                },
+                peer_note="JetStream publish with ack" if durable else "",
+                prefill=True,
+                setup=setup,
+            )
+        )
+    for mode, qos in (("at-most-once", 0), ("at-least-once", 1)):
+        durable = qos == 1
+        t = tag("ma")
+        out.append(
+            Case(
+                "MQTT->AMQP",
+                mode,
+                t,
+                End("mqtt", f"bench/{t}", qos),
+                End("amqp", f"bench.{t}"),
+                _fb(
+                    b,
+                    f"""\
+                    from: {{broker: mqtt, filter: "bench/{t}", options: {{qos: {qos}}}}}
+                    to: {{broker: amqp}}
+                    """,
+                    durable=durable,
+                ),
+                {
+                    "input": {"mqtt": {**mqtt_in, "topic": f"bench/{t}", "qos": qos}},
+                    "output": {
+                        "amqp": {
+                            "url": b.amqp_vhost,
+                            "exchange": "amq.topic",
+                            "queue": f"bench.{t}",
+                            "no_declare_queue": True,
+                            "delayed_ack": not durable,
+                            "no_persistence": not durable,
+                        }
+                    },
+                },
+            )
+        )
+    for mode in ("at-most-once", "at-least-once"):
+        durable = mode == "at-least-once"
+        t = tag("ak")
+        out.append(
+            Case(
+                "AMQP->Kafka",
+                mode,
+                t,
+                End("amqp", f"bench.{t}"),
+                End("kafka", f"bench.{t}"),
+                _fb(
+                    b,
+                    f"""\
+                    from: {{broker: amqp, filter: "bench.{t}"}}
+                    to: {{broker: kafka}}
+                    """,
+                    durable=durable,
+                ),
+                {
+                    "input": {
+                        "amqp": {
+                            "url": b.amqp_vhost,
+                            "exchange": "amq.topic",
+                            "queue": f"bench.{t}",
+                            "subscribe_mode": True,
+                            "prefetch_count": 1000,
+                        }
+                    },
+                    "output": {
+                        "kafka": {"url": b.kafka, "topic": f"bench.{t}", "delayed_ack": not durable}
+                    },
+                },
+                setup=[lambda t=t: kafka_create(b, f"bench.{t}")],  # type: ignore[misc]
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Sampler:
+    """CPU time and peak RSS of one process, sampled every 50 ms from /proc."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.samples: list[tuple[int, float]] = []  # (monotonic ns, cpu seconds)
+        self.hwm_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+            self.samples.append((time.monotonic_ns(), cpu))
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.hwm_kb = max(self.hwm_kb, int(line.split()[1]))
+        except (OSError, IndexError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._read()
+
+    def stop(self) -> None:
+        self._read()
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_percent(self, t0: int, t1: int) -> float | None:
+        before = [s for s in self.samples if s[0] <= t0]
+        after = [s for s in self.samples if s[0] >= t1]
+        if not before or not after:
+            return None
+        a, b = before[-1], after[0]
+        return 100.0 * (b[1] - a[1]) / ((b[0] - a[0]) / 1e9)
+
+
+class Bridge:
+    """flowbridge (``python -m flowbridge run -c FILE``) or mq-bridge in a process."""
+
+    def __init__(self, impl: str, case: Case, workdir: Path) -> None:
+        self.impl = impl
+        self.log = workdir / f"{impl}-{case.tag}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if impl == "flowbridge":
+            cfg = workdir / f"{case.tag}.yaml"
+            cfg.write_text(case.flowbridge)
+            cmd = [PY, "-m", "flowbridge", "run", "-c", str(cfg), "--log-level", "warning"]
+        else:
+            cmd = [PY, "-m", "benchmarks.peer", json.dumps(case.peer)]
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
+            )
+        self.sampler = Sampler(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        self.sampler.stop()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-1500:]
+
+
+def gen(role: str, end: End, url: str, run: str, count: int, **kw: Any) -> list[str]:
+    cmd = [PY, "-m", "benchmarks.gen", role, "--proto", end.proto, "--url", url]
+    cmd += ["--topic", end.topic, "--count", str(count), "--run", run, "--qos", str(end.qos)]
+    for k, v in kw.items():
+        if v is True:
+            cmd.append(f"--{k.replace('_', '-')}")
+        elif v not in (None, False):
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+    return cmd
+
+
+class Sub:
+    def __init__(self, cmd: list[str], timeout: float = 60) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.proc.stdout is not None
+        line = _readline(self.proc, timeout)
+        if line.strip() != "READY":
+            self.proc.kill()
+            raise RuntimeError(f"subscriber did not start: {line!r}")
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        line = _readline(self.proc, timeout)
+        self.proc.wait(5)
+        if not line:
+            raise RuntimeError("subscriber gave no result")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    box: list[str] = []
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    t = threading.Thread(target=lambda: box.append(stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box:
+        proc.kill()
+        raise RuntimeError(f"no answer from {proc.args!r} within {timeout}s")
+    return box[0]
+
+
+def run_pub(cmd: list[str], timeout: float) -> dict[str, Any]:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"publisher failed: {p.stderr[-800:]}")
+    out: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return out
+
+
+# --------------------------------------------------------------------------- one measurement
+
+
+@dataclass
+class Result:
+    case: str
+    mode: str
+    size: int
+    impl: str  # direct | flowbridge | mq-bridge
+    note: str = ""
+    error: str = ""
+    count: int = 0
+    delivered_pct: float | None = None
+    dups: int = 0
+    msgs_per_s: float | None = None
+    mb_per_s: float | None = None
+    pub_rate: float | None = None  # the publisher's own send rate in the throughput run
+    lat_delivered_pct: float | None = None
+    p50_us: float | None = None
+    p99_us: float | None = None
+    p999_us: float | None = None
+    lat_samples: int = 0
+    cpu_pct: float | None = None
+    rss_mb: float | None = None
+
+
+@dataclass
+class Plan:
+    quick: bool
+    counts: dict[int, int]
+    lat_count: int
+    sizes: tuple[int, ...]
+    peer: bool
+    only: list[str]
+
+
+def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir: Path) -> Result:
+    url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+    n = plan.counts[size]
+    res = Result(case.name, case.mode, size, impl, count=n)
+    if impl == "mq-bridge":
+        res.note = case.peer_note
+    src = case.pub
+    dst = case.sub if impl != "direct" else End(src.proto, src.topic, src.qos)
+    if impl == "direct" and src.proto == "kafka":
+        kafka_create(b, src.topic)
+    bridge: Bridge | None = None
+    run = uuid.uuid4().hex[:8]
+    try:
+        for step in case.setup if impl != "direct" else []:
+            step()
+        if case.prefill:
+            run_pub(gen("pub", src, url[src.proto], run, n, size=size), 120)
+        if impl != "direct":
+            bridge = Bridge(impl, case, workdir)
+            if not case.prefill:
+                _probe(bridge, src, dst, url)
+        # -- throughput
+        sub = Sub(
+            gen(
+                "sub",
+                dst,
+                url[dst.proto],
+                run,
+                n,
+                idle=3.0,
+                first=45.0,
+                from_start=impl == "direct" and case.prefill,
+            )
+        )
+        try:
+            pub = (
+                None
+                if case.prefill
+                else run_pub(gen("pub", src, url[src.proto], run, n, size=size), 180)
+            )
+            got = sub.result(240)
+        finally:
+            sub.kill()
+        t_end = got["t_last"]
+        t_start = got["t_first"] if pub is None else pub["t_start"]
+        res.delivered_pct = 100.0 * got["unique"] / n
+        res.dups = got["dups"]
+        if got["unique"] > 1 and t_end > t_start:
+            secs = (t_end - t_start) / 1e9
+            k = got["unique"] - (1 if pub is None else 0)
+            res.msgs_per_s = k / secs
+            res.mb_per_s = k * size / secs / 1e6
+        if pub is not None and pub["t_sent"] > pub["t_start"]:
+            res.pub_rate = n / ((pub["t_sent"] - pub["t_start"]) / 1e9)
+        if bridge is not None and t_end > t_start:
+            time.sleep(0.12)  # a CPU sample after the window closes
+            res.cpu_pct = bridge.sampler.cpu_percent(t_start, t_end)
+        # -- latency at a fixed rate
+        lrun = uuid.uuid4().hex[:8]
+        m = plan.lat_count
+        sub = Sub(gen("sub", dst, url[dst.proto], lrun, m, idle=3.0, first=20.0, latency=True))
+        try:
+            run_pub(gen("pub", src, url[src.proto], lrun, m, size=size, rate=LAT_RATE), 120)
+            got = sub.result(60)
+        finally:
+            sub.kill()
+        res.lat_delivered_pct = 100.0 * got["unique"] / m
+        lat = got.get("lat_us")
+        if lat:
+            res.p50_us, res.p99_us, res.p999_us = lat["p50"], lat["p99"], lat["p999"]
+            res.lat_samples = got["lat_samples"]
+        if bridge is not None and not bridge.alive():
+            res.error = "bridge exited: " + bridge.tail()
+    except Exception as exc:  # one broken case must not end the run: report it
+        res.error = f"{type(exc).__name__}: {exc}"
+        if bridge is not None:
+            res.error += "\n" + bridge.tail()
+    finally:
+        if bridge is not None:
+            bridge.stop()
+            res.rss_mb = bridge.sampler.hwm_kb / 1024 or None
+    return res
+
+
+def _probe(bridge: Bridge, src: End, dst: End, url: dict[str, str]) -> None:
+    """Wait until a message goes through (subscriptions, groups and sessions in place)."""
+    run = "probe" + uuid.uuid4().hex[:3]
+    sub = Sub(gen("sub", dst, url[dst.proto], run, 800, need=1, first=40.0))
+    pub = subprocess.Popen(
+        gen("pub", src, url[src.proto], run, 800, size=64, rate=20),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        got = sub.result(60)
+    finally:
+        pub.kill()
+        pub.wait()
+        sub.kill()
+    if not got["unique"]:
+        raise RuntimeError(f"nothing came through {bridge.impl} within 40 s")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fmt(v: float | None, spec: str = ".0f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def line(r: Result) -> str:
+    if r.error:
+        return f"    {r.impl:<10} ERROR {r.error.splitlines()[0][:160]}"
+    return (
+        f"    {r.impl:<10} {_fmt(r.msgs_per_s):>8} msg/s {_fmt(r.mb_per_s, '.1f'):>6} MB/s "
+        f"delivered {_fmt(r.delivered_pct, '.2f')}% dups {r.dups}  "
+        f"lat p50/p99/p99.9 {_fmt(r.p50_us)}/{_fmt(r.p99_us)}/{_fmt(r.p999_us)} us  "
+        f"cpu {_fmt(r.cpu_pct)}% rss {_fmt(r.rss_mb, '.1f')} MB  "
+        f"(pub {_fmt(r.pub_rate)} msg/s)"
+    )
+
+
+QUICK_CASES = {
+    ("MQTT->NATS", "at-most-once"),
+    ("NATS->NATS rewrite", "at-most-once"),
+    ("NATS->Kafka", "at-least-once"),
+    ("Kafka->NATS", "at-least-once"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the target cases, 100 B, ~1-2 min")
+    ap.add_argument("--only", action="append", default=[], help="run cases whose name contains")
+    ap.add_argument("--no-peer", action="store_true", help="skip mq-bridge")
+    ap.add_argument("--count", type=int, help="messages per throughput run (100 B)")
+    args = ap.parse_args(argv)
+    plan = Plan(
+        quick=args.quick,
+        counts={100: args.count or (20_000 if args.quick else 50_000), 10_240: 5_000},
+        lat_count=2_000 if args.quick else 3_000,
+        sizes=(100,) if args.quick else (100, 10_240),
+        peer=not args.no_peer,
+        only=args.only,
+    )
+    peer_ok = ""
+    if plan.peer:
+        try:
+            import mq_bridge  # noqa: PLC0415
+
+            peer_ok = f"mq-bridge {mq_bridge.__version__}"
+        except ImportError as exc:
+            peer_ok = ""
+            say(f"mq-bridge NOT available ({exc}): `pip install mq-bridge`; peer columns empty")
+    started = time.monotonic()
+    results: list[Result] = []
+    RESULTS.mkdir(exist_ok=True)
+    workdir = RESULTS / "logs"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    with brokers() as b:
+        direct: dict[tuple[str, int, int, bool], Result] = {}
+        for size in plan.sizes:
+            for case in cases(b, size):
+                if plan.quick and (case.name, case.mode) not in QUICK_CASES:
+                    continue
+                if plan.only and not any(o.lower() in case.name.lower() for o in plan.only):
+                    continue
+                say(f"{case.name} {case.mode} {size} B")
+                key = (case.pub.proto, case.pub.qos, size, case.prefill)
+                if key not in direct:
+                    direct[key] = measure(plan, b, case, size=size, impl="direct", workdir=workdir)
+                base = Result(**{**asdict(direct[key]), "case": case.name, "mode": case.mode})
+                base.note = f"{case.pub.proto} pub -> {case.pub.proto} sub, no bridge"
+                results.append(base)
+                say(line(base))
+                impls = ["flowbridge"] + (["mq-bridge"] if plan.peer and peer_ok else [])
+                for impl in impls:
+                    if impl == "mq-bridge" and case.peer is None:
+                        continue
+                    r = measure(plan, b, case, size=size, impl=impl, workdir=workdir)
+                    results.append(r)
+                    say(line(r))
+    elapsed = time.monotonic() - started
+    from benchmarks import report  # noqa: PLC0415
+
+    meta = {
+        "command": "python -m benchmarks" + (" " + " ".join(argv or sys.argv[1:])).rstrip(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{_cpu_model()}, Linux {platform.release()}, Python {platform.python_version()}",
+        "peer": peer_ok or "mq-bridge not installed",
+        "elapsed_s": round(elapsed),
+        "quick": plan.quick,
+        "counts": plan.counts,
+        "latency": f"{plan.lat_count} messages at {LAT_RATE:.0f} msg/s",
+    }
+    paths = report.write(RESULTS, meta, [asdict(r) for r in results])
+    print()
+    print(paths["md"].read_text())
+    say(f"done in {elapsed:.0f} s: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
