@@ -104,6 +104,17 @@ class TargetSpec(_Spec):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class EnvelopeSpec(_Spec):
+    """How the route treats msg_envelope_v1 bodies (see flowbridge.envelope_route)."""
+
+    mode: Literal["auto", "off", "require", "wrap", "unwrap"] = "auto"
+    payload_type: Literal[
+        "text", "dictionary", "arrowtable", "jsontable", "image", "audio", "video", "binary"
+    ] = "binary"  # what ``wrap`` declares
+    dataname: str = "body"
+    sender_name: str = Field("flowbridge", min_length=1)
+
+
 class RouteSpec(_Spec):
     # ``from`` and ``to`` are validated on their own (SourceSpec, TargetSpec) so that a
     # problem in one part of a route does not hide the problems of the others.
@@ -113,6 +124,7 @@ class RouteSpec(_Spec):
     delivery: DeliveryMode | None = None
     max_in_flight: int = Field(1000, ge=1, le=100_000)
     dead_letter: DeadLetterSpec | None = None
+    envelope: EnvelopeSpec = Field(default_factory=lambda: EnvelopeSpec.model_validate({}))
 
 
 _TOP_KEYS = ("bridge", "brokers", "routes")
@@ -178,6 +190,7 @@ class Route(_Frozen):
     max_in_flight: int
     dead_letter: DeadLetter | None
     origin: str  # FILE:LINE where the route is defined
+    envelope: EnvelopeSpec = Field(default_factory=lambda: EnvelopeSpec.model_validate({}))
 
     @property
     def durable(self) -> bool:
@@ -893,6 +906,7 @@ class _Loader:
             max_in_flight=spec.max_in_flight,
             dead_letter=dead,
             origin=doc.where(loc),
+            envelope=spec.envelope,
         )
 
     def resolve_source(

@@ -27,6 +27,8 @@ from typing import Any
 
 from flowbridge.adapters.base import Adapter, Delivery, Message, Options, PublishOutcome
 from flowbridge.config import Config, DeadLetter, Route, Target
+from flowbridge.envelope import EnvelopeError
+from flowbridge.envelope_route import transform
 from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
 from flowbridge.template import Template
 from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic, translate_topic
@@ -172,6 +174,12 @@ class RouteRunner:
         # while a reply whose sender copied the request's headers (nats-py's respond() does)
         # arrives elsewhere and is forwarded.
         self.via = via + " "
+        self.envelope = route.envelope
+        self.envelope_args = {
+            "payload_type": route.envelope.payload_type,
+            "dataname": route.envelope.dataname,
+            "sender_name": route.envelope.sender_name,
+        }
         dl = route.dead_letter
         self.dead_letter: DeadLetter | None = dl
         self.dead_adapter = bridge.adapters[dl.broker] if dl else None
@@ -229,6 +237,8 @@ class RouteRunner:
         dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
         via = self.via
         protocol = self.protocol
+        env_mode = self.envelope.mode
+        env_args = self.envelope_args
         for i, d in enumerate(batch):
             m = d.message
             st.bytes_in += len(m.payload)
@@ -242,6 +252,12 @@ class RouteRunner:
             if self.dollar_guard and m.topic.startswith("$"):
                 st.filtered += 1
                 continue
+            if env_mode != "off" and (env_mode != "auto" or m.payload[:1] == b"{"):
+                try:
+                    m = transform(m, env_mode, **env_args)
+                except EnvelopeError as exc:
+                    dead.append((i, "envelope", f"not a valid envelope: {exc}"))
+                    continue
             for ti, t in enumerate(targets):
                 try:
                     name = t.template.render_native(m.topic)
@@ -660,6 +676,7 @@ def _route_key(r: Route) -> tuple[Any, ...]:
         r.delivery,
         r.max_in_flight,
         r.dead_letter,
+        r.envelope,
     )
 
 

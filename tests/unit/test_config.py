@@ -369,7 +369,7 @@ routes:
         "m.yaml:9: routes[0].from.fitler: unknown key (did you mean 'filter'?)",
         "m.yaml:10: routes[0].to.topik: unknown key (did you mean 'topic'?)",
         "m.yaml:11: routes[0].zzz: unknown key; known keys: name, from, to, delivery, "
-        "max_in_flight, dead_letter",
+        "max_in_flight, dead_letter, envelope",
     ]
 
 

@@ -1,0 +1,103 @@
+"""What a route does with NATSBridge envelopes (msg_envelope_v1 bodies).
+
+``auto`` (the default) carries every body byte for byte and, when the body is an envelope,
+also puts its fields on the target's native carriers (message id, correlation id, reply-to,
+content type, time), so native consumers can filter and de-duplicate without parsing JSON.
+``require`` dead-letters bodies that are not valid envelopes; ``wrap`` turns plain bodies into
+one-payload envelopes; ``unwrap`` delivers a one-payload envelope's content natively; ``off``
+never looks at bodies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Literal
+
+from flowbridge.adapters.base import Message
+from flowbridge.envelope import Envelope, EnvelopeError, Payload
+
+EnvelopeMode = Literal["auto", "off", "require", "wrap", "unwrap"]
+
+CONTENT_TYPES = {
+    "text": "text/plain; charset=utf-8",
+    "dictionary": "application/json",
+    "jsontable": "application/json",
+    "arrowtable": "application/vnd.apache.arrow.stream",
+}
+ENVELOPE_CONTENT_TYPE = "application/json"
+
+
+def looks_like_envelope(payload: bytes) -> bool:
+    """A cheap test before parsing: most bodies are not JSON objects at all."""
+    return payload[:1] == b"{" and b'"payloads"' in payload and b'"msg_id"' in payload
+
+
+def with_fields(m: Message, env: Envelope) -> Message:
+    """``m`` with the envelope's fields on the native carriers it does not already set."""
+    ts: float | None = m.timestamp
+    if ts is None:
+        try:
+            ts = env.time
+        except EnvelopeError:
+            ts = None
+    return replace(
+        m,
+        message_id=m.message_id or env.msg_id or None,
+        correlation_id=m.correlation_id
+        if m.correlation_id is not None
+        else (env.correlation_id.encode() or None),
+        reply_to=m.reply_to or env.reply_to or None,
+        content_type=m.content_type or ENVELOPE_CONTENT_TYPE,
+        timestamp=ts,
+    )
+
+
+def transform(
+    m: Message,
+    mode: EnvelopeMode,
+    *,
+    payload_type: str = "binary",
+    dataname: str = "body",
+    sender_name: str = "flowbridge",
+) -> Message:
+    """The message a route forwards for ``m``; raises ``EnvelopeError`` (naming the field)
+    when ``require``/``unwrap`` get something that is not a valid envelope."""
+    if mode == "off":
+        return m
+    envelope: Envelope | None = None
+    if looks_like_envelope(m.payload):
+        try:
+            envelope = Envelope.from_json(m.payload)
+        except EnvelopeError:
+            if mode in ("require", "unwrap"):
+                raise
+    if envelope is None:
+        if mode in ("require", "unwrap"):
+            raise EnvelopeError("", "the body is not a msg_envelope_v1 JSON object")
+        if mode == "wrap":
+            envelope = Envelope(
+                send_to=m.topic,
+                sender_name=sender_name,
+                payloads=[Payload.direct(dataname, payload_type, m.payload)],
+            )
+            if m.message_id:
+                envelope.msg_id = m.message_id
+            return with_fields(replace(m, payload=envelope.to_json(), content_type=None), envelope)
+        return m
+    if mode != "unwrap":
+        return with_fields(m, envelope)
+    if len(envelope.payloads) != 1:
+        raise EnvelopeError(
+            "payloads", f"unwrap needs exactly one payload, got {len(envelope.payloads)}"
+        )
+    p = envelope.payloads[0]
+    if p.transport != "direct":
+        raise EnvelopeError("payloads[0].transport", "a link payload cannot be unwrapped here")
+    raw = p.direct_bytes()
+    p.verify(raw)
+    out = with_fields(replace(m, content_type=None), envelope)
+    return replace(
+        out,
+        payload=raw,
+        content_type=CONTENT_TYPES.get(p.payload_type, "application/octet-stream"),
+    )
