@@ -47,6 +47,7 @@ Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 MAX_PULL_BATCH = 512
 _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
+_CLOSE_FAILED_DIAL = 1.0  # seconds
 
 
 class NatsBrokerOptions(SecuredOptions):
@@ -527,9 +528,14 @@ class NatsAdapter(Adapter):
                 )
             except Exception as exc:
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    # Bounded: after a failed TLS upgrade nats-py's close waits forever for
+                    # the replaced plain stream to report its end.
+                    await asyncio.wait_for(nc.close(), _CLOSE_FAILED_DIAL)
                 failures += 1
-                real = dial_errors[-1] if dial_errors else exc
+                # The server's own refusal (-ERR 'Authorization Violation') says more than
+                # the broken pipe or reset that may follow it as it hangs up.
+                told = [e for e in dial_errors if not isinstance(e, OSError)]
+                real = told[0] if told else dial_errors[-1] if dial_errors else exc
                 cause = describe(real, self.security)
                 if attempts is not None and failures >= attempts:
                     raise ConnectError(

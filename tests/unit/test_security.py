@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -375,11 +374,10 @@ def test_kafka_sasl_mechanism_from_config(files: Path) -> None:
         ).replace('filter: "a.>"', 'filter: "a"'),
         {"K": SECRET},
     )
-    args = (
-        cfg.brokers["core"]
-        .adapter("core", cfg.brokers["core"].url, cfg.brokers["core"].options, FAST)
-        .client_security()
-    )
+    core = cfg.brokers["core"]
+    adapter = core.adapter("core", core.url, core.options, FAST)
+    assert isinstance(adapter, KafkaAdapter)
+    args = adapter.client_security()
     assert args["sasl_mechanism"] == "SCRAM-SHA-256"
     assert args["sasl_plain_password"] == SECRET
 
