@@ -216,6 +216,12 @@ async def _start_amqtt(host: str, port: int) -> Any:
             f"embedded MQTT broker could not listen on {host}:{port}: {exc}; "
             "choose another port with --mqtt-port PORT"
         ) from exc
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # amqtt's start() can absorb a cancellation that arrives inside it: honour it here,
+        # or the caller would go on as if nothing was asked.
+        await broker.shutdown()
+        raise asyncio.CancelledError
     return broker
 
 
