@@ -30,6 +30,7 @@ from flowbridge.config import Config, DeadLetter, Route, Target
 from flowbridge.envelope import EnvelopeError
 from flowbridge.envelope_route import transform
 from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
+from flowbridge.security import redact_url
 from flowbridge.template import Template
 from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic, translate_topic
 
@@ -632,7 +633,7 @@ class Bridge:
     async def _connect(self, name: str) -> None:
         adapter = self.adapters[name]
         await adapter.connect()
-        log.info("broker %s connected (%s)", name, _redact(adapter.url))
+        log.info("broker %s connected (%s)", name, redact_url(adapter.url))
 
     def stats(self) -> dict[str, RouteStats]:
         return {name: r.stats for name, r in self._runners.items()}
@@ -678,20 +679,6 @@ def _route_key(r: Route) -> tuple[Any, ...]:
         r.dead_letter,
         r.envelope,
     )
-
-
-def _redact(url: str) -> str:
-    """A URL without its password or token, for logs."""
-    from urllib.parse import urlsplit, urlunsplit  # noqa: PLC0415
-
-    parts = urlsplit(url)
-    if parts.password is None and not parts.username:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.password is not None else "***@"
-    return urlunsplit(parts._replace(netloc=user + host))
 
 
 # ---------------------------------------------------------------------------------------------

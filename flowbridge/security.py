@@ -370,17 +370,22 @@ def resolve_auth(
 
 
 _USERINFO = re.compile(r"^([^:/?#]*://)([^/?#]*)@")
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&][\w.-]*(?:pass|token|secret|key|cred|auth|sig|nkey|jwt)[\w.-]*=)[^&#\s]+",
+    re.IGNORECASE,
+)
 
 
 def redact_url(url: str) -> str:
-    """``url`` without its password, or without its user name when that alone is the secret
-    (a NATS token); works on malformed URLs too, since they are reported."""
+    """``url`` for logs and pages: no password, no user name when that alone is the secret
+    (a NATS token), no value of a query parameter that looks secret; works on malformed URLs
+    too, since they are reported."""
 
     def sub(m: re.Match[str]) -> str:
         user, sep, _ = m.group(2).partition(":")
         return f"{m.group(1)}{user}:***@" if sep else f"{m.group(1)}***@"
 
-    return _USERINFO.sub(sub, url, count=1)
+    return _SECRET_PARAM.sub(r"\g<key>***", _USERINFO.sub(sub, url, count=1))
 
 
 def url_credentials(url: str) -> bool:

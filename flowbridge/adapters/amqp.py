@@ -56,7 +56,14 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, PublishError
-from flowbridge.security import SecuredOptions, TlsSettings, describe, security_of, tls_for
+from flowbridge.security import (
+    SecuredOptions,
+    TlsSettings,
+    describe,
+    redact_url,
+    security_of,
+    tls_for,
+)
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 CORRELATION_HEADER = "x-correlation-id"
@@ -694,13 +701,6 @@ class _Consumer:
 # --- the adapter ----------------------------------------------------------------------
 
 
-def _censored(url: str) -> str:
-    parsed = URL(url)
-    if parsed.password is not None:
-        parsed = parsed.with_password("***")
-    return str(parsed)
-
-
 class AmqpAdapter(Adapter):
     protocol: ClassVar[str] = "amqp"
     BrokerOptions: ClassVar[type[Options]] = AmqpBrokerOptions
@@ -768,7 +768,7 @@ class AmqpAdapter(Adapter):
 
     def _error(self, cause: object) -> ConnectError:
         text = describe(cause, self.security) if isinstance(cause, BaseException) else str(cause)
-        return ConnectError(f"broker {self.name} ({_censored(self.url)}): {text}")
+        return ConnectError(f"broker {self.name} ({redact_url(self.url)}): {text}")
 
     async def _open(self) -> aiormq.Connection:
         # With tls settings of our own (not those of amqps:// alone, where aiormq's URL

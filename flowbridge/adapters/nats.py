@@ -19,7 +19,6 @@ import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 import nats.js.api
@@ -40,7 +39,7 @@ from flowbridge.adapters.base import (
     Subscription,
 )
 from flowbridge.errors import ConnectError, FlowbridgeError, PublishError
-from flowbridge.security import SecuredOptions, describe, security_of, tls_for
+from flowbridge.security import SecuredOptions, describe, redact_url, security_of, tls_for
 
 Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
@@ -400,16 +399,6 @@ def _frames(out: bytearray) -> bytes:
     return cast(bytes, out)
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
 class NatsAdapter(Adapter):
     protocol: ClassVar[str] = "nats"
     BrokerOptions: ClassVar[type[Options]] = NatsBrokerOptions
@@ -539,10 +528,10 @@ class NatsAdapter(Adapter):
                 cause = describe(real, self.security)
                 if attempts is not None and failures >= attempts:
                     raise ConnectError(
-                        f"broker {self.name} ({_redact(self.url)}): {cause}"
+                        f"broker {self.name} ({redact_url(self.url)}): {cause}"
                     ) from exc
                 self.log.warning(
-                    "cannot connect to %s (%s), retry in %.1fs", _redact(self.url), cause, delay
+                    "cannot connect to %s (%s), retry in %.1fs", redact_url(self.url), cause, delay
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff.maximum)
@@ -636,7 +625,7 @@ class NatsAdapter(Adapter):
         try:
             if not self._closing:
                 self._state = ConnState.DISCONNECTED
-                self.log.warning("disconnected from %s; reconnecting", _redact(self.url))
+                self.log.warning("disconnected from %s; reconnecting", redact_url(self.url))
             self._mark_lost()
         except Exception as exc:
             self._handler_error(exc)
@@ -647,7 +636,7 @@ class NatsAdapter(Adapter):
             self._reconnect_delay = self.backoff.initial
             self._lost = asyncio.get_running_loop().create_future()
             self._state = ConnState.CONNECTED
-            self.log.info("reconnected to %s", _redact(self.url))
+            self.log.info("reconnected to %s", redact_url(self.url))
             for consumer in self._consumers:
                 consumer.reset()
         except Exception as exc:
@@ -668,7 +657,9 @@ class NatsAdapter(Adapter):
             self._handler_error(exc)
 
     async def _revive(self) -> None:
-        self.log.warning("connection to %s closed by the server; dialing again", _redact(self.url))
+        self.log.warning(
+            "connection to %s closed by the server; dialing again", redact_url(self.url)
+        )
         nc = await self._dial(None)
         if self._closing:
             await nc.close()
@@ -711,7 +702,7 @@ class NatsAdapter(Adapter):
         subscribed = all(c.ready for c in self._consumers)
         return Health(
             state,
-            detail=_redact(self.url),
+            detail=redact_url(self.url),
             reconnects=self.stats["reconnects"],
             subscribed=subscribed and state is ConnState.CONNECTED,
         )

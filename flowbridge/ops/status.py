@@ -8,10 +8,10 @@ import math
 import re
 import time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from flowbridge.engine import LATENCY_BUCKETS, RouteStats
 from flowbridge.metrics import used_brokers
+from flowbridge.security import redact_url
 
 if TYPE_CHECKING:
     from flowbridge.engine import Bridge
@@ -24,25 +24,7 @@ _SECRET_PARAM = re.compile(
 )
 
 
-def public_url(url: str) -> str:
-    """``url`` without its password, token-like user name, or secret query values."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, _, hosts = netloc.rpartition("@")
-            user, colon, _ = userinfo.partition(":")
-            # A user name alone is how NATS passes tokens: hide it too.
-            netloc = f"{user}:***@{hosts}" if colon and user else f"***@{hosts}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "***" if _SECRET_KEY.search(k) else v) for k, v in pairs], safe="*"
-            )
-        return urlunsplit(parts._replace(netloc=netloc, query=query))
-    except ValueError:
-        return "(unparseable URL)"
+public_url = redact_url  # one redaction for logs, errors and pages
 
 
 def scrub(text: str) -> str:

@@ -141,7 +141,7 @@ async def test_connect_error_names_broker_after_attempts() -> None:
     with pytest.raises(ConnectError) as info:
         await a.connect()
     text = str(info.value)
-    assert text.startswith(f"broker edge (nats://***@127.0.0.1:{port}):")
+    assert text.startswith(f"broker edge (nats://u:***@127.0.0.1:{port}):")
     assert "secret" not in text
 
 

@@ -179,7 +179,7 @@ def test_public_url_and_scrub_hide_secrets() -> None:
     assert public_url("nats://s3cr3t@h:4222") == "nats://***@h:4222"
     assert public_url("mqtt://h:1883?password=x&qos=1") == "mqtt://h:1883?password=***&qos=1"
     assert public_url("kafka://a:9092,b:9092") == "kafka://a:9092,b:9092"
-    assert public_url("http://[::1") == "(unparseable URL)"
+    assert public_url("http://u:pw@[::1") == "http://u:***@[::1"  # malformed, still masked
     text = scrub("connect amqp://u:pw@h:1 failed; token=abc&x=1 auth_key=zz")
     assert "pw" not in text
     assert "abc" not in text
