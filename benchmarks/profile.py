@@ -74,12 +74,13 @@ def report(path: Path, top: int = 20) -> None:
             continue
         k = int(n)
         samples += k
+        # Frames are "func (file:line)": own time per line, total time per function.
         frames = stack.split(";")
         own[frames[-1]] += k
-        for f in set(frames):
+        for f in {fr.rsplit(":", 1)[0] + ")" for fr in frames}:
             if "flowbridge/" in f:
                 total[f] += k
-    print(f"\n{samples} samples; own time (top {top}):")
+    print(f"\n{samples} samples; own time per line (top {top}):")
     for f, k in own.most_common(top):
         print(f"  {100 * k / samples:5.1f}%  {f}")
     print(f"\nflowbridge functions, total time incl. callees (top {top}):")

@@ -98,31 +98,31 @@ def targets(rows: list[Row]) -> str:
             f"{_f(fb and fb['msgs_per_s'])} msg/s, {_f(fb and fb['delivered_pct'], '.2f')}%",
             None if not fb else fb["msgs_per_s"] >= 50_000 and fb["delivered_pct"] >= 100.0,
         )
-    worst50: tuple[float, str] | None = None
-    worst99: tuple[float, str] | None = None
+    # Kafka directions are reported apart: their latency is mostly the Kafka client's
+    # batching and fetch waits (and Tansu's), which a latency budget of 0.3 ms cannot hold.
+    worst: dict[tuple[bool, str], tuple[float, str]] = {}
     rss: tuple[float, str] | None = None
     for r in rows:
         if r["impl"] != "flowbridge" or r["error"]:
             continue
         where = f"{r['case']} {r['mode']} {_size(r['size'])}"
+        kafka = "Kafka" in r["case"]
         base = _find(rows, _key(r), "direct")
         if base and r["p50_us"] is not None and base["p50_us"] is not None:
-            a50 = r["p50_us"] - base["p50_us"]
-            a99 = r["p99_us"] - base["p99_us"]
-            worst50 = max(worst50 or (a50, where), (a50, where))
-            worst99 = max(worst99 or (a99, where), (a99, where))
+            for q in ("p50", "p99"):
+                added = (r[f"{q}_us"] - base[f"{q}_us"], where)
+                worst[(kafka, q)] = max(worst.get((kafka, q), added), added)
         if r["rss_mb"]:
             rss = max(rss or (r["rss_mb"], where), (r["rss_mb"], where))
-    check(
-        "added latency at 1k msg/s: p50 <= 300 us over direct (worst direction)",
-        f"{_f(worst50 and worst50[0], '+.0f')} us ({worst50[1] if worst50 else '-'})",
-        None if worst50 is None else worst50[0] <= 300,
-    )
-    check(
-        "added latency at 1k msg/s: p99 <= 1 ms over direct (worst direction)",
-        f"{_f(worst99 and worst99[0], '+.0f')} us ({worst99[1] if worst99 else '-'})",
-        None if worst99 is None else worst99[0] <= 1000,
-    )
+    for kafka in (False, True):
+        for q, limit in (("p50", 300), ("p99", 1000)):
+            w = worst.get((kafka, q))
+            check(
+                f"added latency at 1k msg/s: {q} <= {limit} us over direct, worst "
+                + ("Kafka direction" if kafka else "direction without Kafka"),
+                f"{_f(w and w[0], '+.0f')} us ({w[1] if w else '-'})",
+                None if w is None else w[0] <= limit,
+            )
     check(
         "bridge peak RSS <= 80 MB (largest)",
         f"{_f(rss and rss[0], '.0f')} MB ({rss[1] if rss else '-'})",

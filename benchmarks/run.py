@@ -103,6 +103,21 @@ def js_stream(b: Brokers, name: str, subjects: list[str]) -> None:
     )
 
 
+def amqp_queue(b: Brokers, queue: str, key: str) -> None:
+    """A durable queue bound to amq.topic: mq-bridge's AMQP source reads a named queue and
+    would declare a fanout exchange of the same name to bind it (amq.topic is a topic one)."""
+    _admin_script(
+        f"""
+        import aiormq
+        conn = await aiormq.connect({b.amqp!r})
+        ch = await conn.channel()
+        await ch.queue_declare({queue!r}, durable=True)
+        await ch.queue_bind({queue!r}, "amq.topic", routing_key={key!r})
+        await conn.close()
+        """
+    )
+
+
 def _admin_script(body: str) -> None:
     code = "import asyncio\nasync def main():\n" + textwrap.indent(textwrap.dedent(body), "    ")
     code += "\nasyncio.run(main())\n"
@@ -131,6 +146,7 @@ class Case:
     peer_note: str = ""
     prefill: bool = False  # Kafka source: fill the topic, then let the bridge drain it
     setup: list[Callable[[], None]] = field(default_factory=list)
+    peer_setup: list[Callable[[], None]] = field(default_factory=list)
 
 
 def _fb(b: Brokers, route: str, *, durable: bool) -> str:
@@ -409,9 +425,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                     "input": {
                         "amqp": {
                             "url": b.amqp_vhost,
-                            "exchange": "amq.topic",
                             "queue": f"bench.{t}",
-                            "subscribe_mode": True,
                             "prefetch_count": 1000,
                         }
                     },
@@ -419,7 +433,9 @@ def cases(b: Brokers, size: int) -> list[Case]:
                         "kafka": {"url": b.kafka, "topic": f"bench.{t}", "delayed_ack": not durable}
                     },
                 },
+                peer_note="named queue bound to amq.topic beforehand",
                 setup=[lambda t=t: kafka_create(b, f"bench.{t}")],  # type: ignore[misc]
+                peer_setup=[lambda t=t: amqp_queue(b, f"bench.{t}", f"bench.{t}")],  # type: ignore[misc]
             )
         )
     return out
@@ -610,6 +626,8 @@ def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir
     run = uuid.uuid4().hex[:8]
     try:
         for step in case.setup if impl != "direct" else []:
+            step()
+        for step in case.peer_setup if impl == "mq-bridge" else []:
             step()
         if case.prefill:
             run_pub(gen("pub", src, url[src.proto], run, n, size=size), 120)
