@@ -403,7 +403,9 @@ def describe(exc: BaseException, security: Security) -> str:
         if isinstance(real, ssl.SSLError) or inner is None:
             break
         real = inner
-    text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+    name, said = type(exc).__name__, str(exc)
+    # Some libraries (aiokafka) already start their text with the class name.
+    text = said if said.startswith(name) else f"{name}: {said}".rstrip(": ")
     if isinstance(real, ssl.SSLCertVerificationError):
         text = f"TLS: server certificate not trusted ({real.verify_message or real.reason})"
         text += "; check tls.ca (the CA that signed the server's certificate)"

@@ -537,6 +537,9 @@ class KafkaAdapter(Adapter):
                 failures += 1
                 self._state = ConnState.DISCONNECTED
                 self._detail = cause = describe(exc, self.security)
+                if isinstance(exc, KafkaConnectionError):
+                    # aiokafka only says it could not bootstrap: ask the socket why.
+                    cause = await self._bootstrap_cause() or cause
                 attempts = self.backoff.attempts
                 delay = await anext(delays, None)
                 if delay is None or (attempts is not None and failures >= attempts):
@@ -548,6 +551,19 @@ class KafkaAdapter(Adapter):
         self._state = ConnState.CONNECTED
         self._detail = ""
         self._monitor = asyncio.create_task(self._watch(), name=f"kafka-health-{self.name}")
+
+    async def _bootstrap_cause(self) -> str | None:
+        """Why the first bootstrap address does not answer (refused, unknown host, timeout),
+        or None when a plain TCP connection works (then the Kafka handshake is the problem)."""
+        first = self.servers[0]
+        host, _, port = first.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 3.0)
+        except (OSError, TimeoutError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+            return f"cannot reach {first}: {reason}"
+        writer.close()
+        return None
 
     async def _broker_up(self, producer: AIOKafkaProducer) -> bool:
         client = producer.client
