@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import collections
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -771,6 +772,11 @@ async def _run(args: Any) -> int:
             )
         config = load(files, environ=environ)
         bridge = Bridge(config)
+        # Everything built so far lives for the whole run: keep the collector off it, and let
+        # the per-message objects pile up longer between young-generation passes.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 50)
         if getattr(args, "http", None):
             from flowbridge.ops import serve  # noqa: PLC0415  (prometheus-client only when asked)
 

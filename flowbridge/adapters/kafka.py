@@ -67,6 +67,10 @@ class KafkaBrokerOptions(SecuredOptions):
     linger_ms: int = Field(default=5, ge=0)
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     commit_interval_ms: int = Field(default=100, ge=1)
+    # aiokafka's defaults (16 KiB batches, 500 ms fetch wait) cost 10 KB messages a batch each
+    # and every consumed record up to half a second.
+    max_batch_size: int = Field(default=1_048_576, ge=1024)
+    fetch_max_wait_ms: int = Field(default=20, ge=0)
 
     @field_validator("idempotence", mode="before")
     @classmethod
@@ -280,6 +284,7 @@ class _Source:
                 rebalance_timeout_ms=o.rebalance_timeout_ms,
                 max_poll_interval_ms=o.max_poll_interval_ms,
                 metadata_max_age_ms=o.metadata_max_age_ms,
+                fetch_max_wait_ms=o.fetch_max_wait_ms,
                 **a.client_security(),
             )
             try:
@@ -486,6 +491,7 @@ class KafkaAdapter(Adapter):
             acks="all",
             enable_idempotence=idempotent,
             max_request_size=o.max_request_size,
+            max_batch_size=min(o.max_batch_size, o.max_request_size),
             linger_ms=o.linger_ms,
             compression_type=None if o.compression == "none" else o.compression,
             request_timeout_ms=o.request_timeout_ms,
