@@ -29,7 +29,7 @@ from typing import Any
 from flowbridge.adapters.base import Adapter, Delivery, Message, Options, PublishOutcome
 from flowbridge.config import Config, DeadLetter, Route, Target
 from flowbridge.envelope import EnvelopeError
-from flowbridge.envelope_route import transform
+from flowbridge.envelope_route import looks_like_envelope, transform, translate_reply_to
 from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
 from flowbridge.security import redact_url
 from flowbridge.template import Template
@@ -280,11 +280,14 @@ class RouteRunner:
                     # Kafka keys come from the real topic, never from the route's filter.
                     key = m.key if m.key is not None or not t.keyed else m.topic.encode()
                     reply = m.reply_to
+                    payload = m.payload
                     if reply is not None and t.spec.protocol != protocol:
                         reply = self._reply_name(reply, t.spec.protocol)
+                        if env_mode != "off" and looks_like_envelope(payload):
+                            payload = translate_reply_to(payload, protocol, t.spec.protocol)
                     out = Message(
                         name,
-                        m.payload,
+                        payload,
                         out_headers,
                         m.content_type,
                         m.correlation_id,

@@ -101,7 +101,7 @@ def _pyarrow() -> Any:
         ) from None
 
 
-def _json_bytes(value: Any) -> bytes:
+def json_bytes(value: Any) -> bytes:
     # Compact, UTF-8, no NaN/Infinity (not JSON, and other peers' parsers reject them).
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
@@ -145,7 +145,7 @@ def serialize(data: Any, payload_type: str) -> bytes:
 
 def _json_value_bytes(value: Any) -> bytes:
     try:
-        return _json_bytes(value)
+        return json_bytes(value)
     except (TypeError, ValueError) as exc:
         raise EnvelopeError("data", f"not JSON-serializable: {exc}") from exc
 
@@ -343,7 +343,7 @@ class Envelope:
 
     def to_json(self) -> bytes:
         """The message body: compact UTF-8 JSON."""
-        return _json_bytes(self.to_dict())
+        return json_bytes(self.to_dict())
 
     @classmethod
     def from_dict(cls, obj: Any) -> Envelope:

@@ -10,11 +10,14 @@ never looks at bodies.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from typing import Literal
 
 from flowbridge.adapters.base import Message
-from flowbridge.envelope import Envelope, EnvelopeError, Payload
+from flowbridge.envelope import Envelope, EnvelopeError, Payload, json_bytes
+from flowbridge.errors import TopicError
+from flowbridge.topics import translate_topic
 
 EnvelopeMode = Literal["auto", "off", "require", "wrap", "unwrap"]
 
@@ -101,3 +104,24 @@ def transform(
         payload=raw,
         content_type=CONTENT_TYPES.get(p.payload_type, "application/octet-stream"),
     )
+
+
+def translate_reply_to(payload: bytes, source: str, target: str) -> bytes:
+    """An envelope body whose ``reply_to`` names a topic of ``source``, rewritten so that it
+    names the same topic in ``target`` (a responder there replies where a reverse route can
+    carry the answer back).  Any other body, or a name the target cannot carry, is returned
+    unchanged."""
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(obj, dict):
+        return payload
+    reply = obj.get("reply_to")
+    if not isinstance(reply, str) or not reply:
+        return payload
+    try:
+        obj["reply_to"] = translate_topic(reply, source, target)
+    except TopicError:
+        return payload
+    return json_bytes(obj)

@@ -61,12 +61,19 @@ async def test_auto_route_carries_envelope_fields(
     start: Callable[..., Awaitable[Running]],  # noqa: F811
 ) -> None:
     await start(route("auto"))
+    no_reply = Envelope(send_to="/x", sender_name="s", payloads=ENV.payloads)
     broker("edge").deliver(Message("in/a", ENV.to_json()))
     broker("edge").deliver(Message("in/b", b"plain"))
-    await settle(lambda: len(broker("core").published) == 2)
-    env_out, plain_out = broker("core").published
-    assert env_out.payload == ENV.to_json()
+    broker("edge").deliver(Message("in/c", no_reply.to_json()))
+    await settle(lambda: len(broker("core").published) == 3)
+    env_out, plain_out, same_out = broker("core").published
     assert env_out.message_id == ENV.msg_id
+    # The reply topic is written for the target protocol (MQTT level "replies.room1").
+    crossed = Envelope.from_json(env_out.payload)
+    assert crossed.reply_to == "replies//room1"
+    assert env_out.reply_to == "replies//room1"
+    assert crossed.to_dict() | {"reply_to": ENV.reply_to} == ENV.to_dict()
+    assert same_out.payload == no_reply.to_json()  # otherwise byte for byte
     assert plain_out.payload == b"plain"
     assert plain_out.message_id is None
 
