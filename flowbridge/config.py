@@ -81,6 +81,9 @@ class ReconnectSpec(_Spec):
 class BridgeSpec(_Spec):
     id: str = Field("flowbridge", pattern=NAME_PATTERN)
     dead_letter: DeadLetterSpec | None = None
+    # Where messages too large for a target go, as link-transport envelopes (Plik API
+    # http(s)://..., or s3+http(s)://HOST/BUCKET).  None: they are dead-lettered.
+    fileserver: str | None = Field(None, pattern=r"^(https?|s3\+https?)://")
 
 
 class BrokerSpec(_Spec):
@@ -146,6 +149,7 @@ class DeadLetter(_Frozen):
 class Bridge(_Frozen):
     id: str = "flowbridge"
     dead_letter: DeadLetter | None = None
+    fileserver: str | None = None
 
 
 class Broker(_Frozen):
@@ -867,7 +871,7 @@ class _Loader:
             dead = self.dead_letter(
                 spec.dead_letter, docs["dead_letter"], ("bridge", "dead_letter")
             )
-        return Bridge(id=spec.id, dead_letter=dead)
+        return Bridge(id=spec.id, dead_letter=dead, fileserver=spec.fileserver)
 
     def resolve_route(self, item: _Item[_RouteParts], bridge: Bridge) -> Route | None:
         parts, doc, loc = item.spec, item.doc, item.loc

@@ -29,8 +29,9 @@ from typing import Any
 from flowbridge.adapters.base import Adapter, Delivery, Message, Options, PublishOutcome
 from flowbridge.config import Config, DeadLetter, Route, Target
 from flowbridge.envelope import EnvelopeError
-from flowbridge.envelope_route import looks_like_envelope, transform, translate_reply_to
+from flowbridge.envelope_route import looks_like_envelope, offload, transform, translate_reply_to
 from flowbridge.errors import ConfigError, FlowbridgeError, PublishError, TopicError
+from flowbridge.fileserver import FileServer, FileServerError, from_url
 from flowbridge.security import redact_url
 from flowbridge.template import Template
 from flowbridge.topics import MULTI, SINGLE, Filter, parse_topic, translate_topic
@@ -61,6 +62,7 @@ class RouteStats:
     forwarded_to: collections.Counter[str] = field(default_factory=collections.Counter)
     bytes_to: collections.Counter[str] = field(default_factory=collections.Counter)  # by broker
     echo_suppressed: int = 0
+    offloaded: int = 0  # too large for a target: sent as a link envelope via the file server
     filtered: int = 0  # '$' topics a leading wildcard must not match
     dead_lettered: collections.Counter[str] = field(default_factory=collections.Counter)
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -241,6 +243,7 @@ class RouteRunner:
         protocol = self.protocol
         env_mode = self.envelope.mode
         env_args = self.envelope_args
+        limits = [t.adapter.max_payload() for t in targets]
         for i, d in enumerate(batch):
             m = d.message
             st.bytes_in += len(m.payload)
@@ -299,6 +302,14 @@ class RouteRunner:
                     )
                 else:
                     out = Message(name, m.payload, None, retain=m.retain)
+                limit = limits[ti]
+                if limit is not None and len(out.payload) > limit and self.bridge.fileserver:
+                    try:
+                        out = await offload(out, limit, self.bridge.fileserver)
+                    except (EnvelopeError, FileServerError) as exc:
+                        dead.append((i, t.spec.broker, f"too large, offload failed: {exc}"))
+                        continue
+                    st.offloaded += 1
                 outs[ti].append(out)
                 index[ti].append(i)
         await asyncio.gather(
@@ -483,6 +494,8 @@ class Bridge:
         self.once = _OnceLog()
         self.abandon = asyncio.Event()
         self.recent_dead: collections.deque[DeadLetterRecord] = collections.deque(maxlen=100)
+        url = config.bridge.fileserver
+        self.fileserver: FileServer | None = from_url(url) if url else None
         self._connecting: dict[str, asyncio.Task[None]] = {}
         self._runners: dict[str, RouteRunner] = {}
         self._route_stop: dict[str, asyncio.Event] = {}
@@ -618,6 +631,8 @@ class Bridge:
             if adapter is not None:
                 await adapter.close()
         self.config = new
+        url = new.bridge.fileserver
+        self.fileserver = from_url(url) if url else None
         self._add_adapters(new)
         self._connect_all(_used(new))
         started = [r.name for r in new.routes if r.name not in self._runners]

@@ -11,12 +11,14 @@ never looks at bodies.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import replace
-from typing import Literal
+from typing import Literal, TypeGuard
 
 from flowbridge.adapters.base import Message
 from flowbridge.envelope import Envelope, EnvelopeError, Payload, json_bytes
 from flowbridge.errors import TopicError
+from flowbridge.fileserver import FileServer
 from flowbridge.topics import translate_topic
 
 EnvelopeMode = Literal["auto", "off", "require", "wrap", "unwrap"]
@@ -28,6 +30,17 @@ CONTENT_TYPES = {
     "arrowtable": "application/vnd.apache.arrow.stream",
 }
 ENVELOPE_CONTENT_TYPE = "application/json"
+
+
+def _is_uuid(text: str | None) -> TypeGuard[str]:
+    """msg_id must be a UUID: another message id is kept on the native carrier only."""
+    if not text:
+        return False
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def looks_like_envelope(payload: bytes) -> bool:
@@ -83,7 +96,7 @@ def transform(
                 sender_name=sender_name,
                 payloads=[Payload.direct(dataname, payload_type, m.payload)],
             )
-            if m.message_id:
+            if _is_uuid(m.message_id):
                 envelope.msg_id = m.message_id
             return with_fields(replace(m, payload=envelope.to_json(), content_type=None), envelope)
         return m
@@ -125,3 +138,42 @@ def translate_reply_to(payload: bytes, source: str, target: str) -> bytes:
     except TopicError:
         return payload
     return json_bytes(obj)
+
+
+async def offload(m: Message, limit: int, fileserver: FileServer) -> Message:
+    """``m`` made to fit ``limit`` bytes through the file server: an envelope's direct
+    payloads move to links, largest first; any other body becomes a one-payload link envelope.
+    Raises ``EnvelopeError`` when even that does not fit."""
+    envelope: Envelope | None = None
+    if looks_like_envelope(m.payload):
+        try:
+            envelope = Envelope.from_json(m.payload)
+        except EnvelopeError:
+            envelope = None
+    if envelope is None:
+        url = await fileserver.upload(m.payload, "body")
+        envelope = Envelope(
+            send_to=m.topic,
+            sender_name="flowbridge",
+            payloads=[Payload.link("body", "binary", url, m.payload)],
+        )
+        if _is_uuid(m.message_id):
+            envelope.msg_id = m.message_id
+    else:
+        direct = sorted(
+            (i for i, p in enumerate(envelope.payloads) if p.transport == "direct"),
+            key=lambda i: -envelope.payloads[i].size,
+        )
+        for i in direct:
+            if len(envelope.to_json()) <= limit:
+                break
+            p = envelope.payloads[i]
+            raw = p.direct_bytes()
+            url = await fileserver.upload(raw, p.dataname or "payload")
+            linked = Payload.link(p.dataname, p.payload_type, url, raw, metadata=p.metadata)
+            linked.id = p.id
+            envelope.payloads[i] = linked
+    body = envelope.to_json()
+    if len(body) > limit:
+        raise EnvelopeError("", f"{len(body)} bytes even with every payload linked; limit {limit}")
+    return with_fields(replace(m, payload=body, content_type=None), envelope)

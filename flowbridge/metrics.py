@@ -120,6 +120,10 @@ def families(snap: Snapshot) -> Iterator[Metric]:
             "Messages the bridge itself published that came back and were not forwarded",
         ),
         "filtered": ("filtered", "'$' topics a leading wildcard must not match"),
+        "offloaded": (
+            "offloaded",
+            "Messages too large for a target, sent as link envelopes via the file server",
+        ),
         "retries": ("retries", "Publish attempts repeated while a target was unreachable"),
     }
     for attr, (name, doc) in route_counters.items():

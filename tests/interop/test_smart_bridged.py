@@ -162,3 +162,55 @@ routes:
             bridge.kill()
         await conn.close()
         await nc.close()
+
+
+async def test_message_over_nats_max_payload_is_offloaded(
+    nats_url: str, mqtt_url: str, unique: str, tmp_path: Path, store: PlikStore
+) -> None:
+    p = f"of{unique}"
+    bridge = BridgeProcess(
+        f"""
+bridge: {{fileserver: "{store.url}"}}
+brokers:
+  edge: {{url: "{mqtt_url}", options: {{client_id: fb-{p}}}}}
+  core: {{url: "{nats_url}"}}
+routes:
+  - name: big-{p}
+    from: {{broker: edge, filter: "{p}/#"}}
+    to: [{{broker: core}}]
+""",
+        tmp_path,
+    )
+    import aiomqtt  # noqa: PLC0415
+
+    from flowbridge.smart import smartreceive  # noqa: PLC0415
+
+    nc = await nats.connect(nats_url)
+    got: list[bytes] = []
+
+    async def on_msg(msg: nats.aio.msg.Msg) -> None:
+        got.append(msg.data)
+
+    await nc.subscribe(f"{p}.>", cb=on_msg)
+    await nc.flush()
+    big = os.urandom(nc.max_payload + 500_000)  # larger than the NATS server accepts
+    host, _, port = mqtt_url.split("://", 1)[1].rstrip("/").rpartition(":")
+    bridge.start()
+    try:
+        async with aiomqtt.Client(host, int(port)) as mqtt:
+            await wait_for(lambda: f"route big-{p}" in bridge.log(), 30, "start", bridge.log)
+            for _ in range(20):
+                await mqtt.publish(f"{p}/blob", b"small", qos=1)
+                await asyncio.sleep(0.2)
+                if got:
+                    break
+            await mqtt.publish(f"{p}/blob", big, qos=1)
+            await wait_for(lambda: len(got) >= 2 and got[-1] != b"small", 30, "big", bridge.log)
+        items, env = await smartreceive(got[-1], fileserver=store.url)
+        assert items == [("body", big, "binary")]
+        assert env.payloads[0].transport == "link"
+        assert bridge.stop() == 0
+    finally:
+        if bridge.alive():
+            bridge.kill()
+        await nc.close()

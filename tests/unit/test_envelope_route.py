@@ -126,3 +126,37 @@ routes:
     assert unwrapped.payload == b"Hello!"
     assert unwrapped.content_type == "text/plain; charset=utf-8"
     assert unwrapped.message_id == ENV.msg_id
+
+
+async def test_oversize_is_offloaded_through_the_file_server(
+    start: Callable[..., Awaitable[Running]],  # noqa: F811
+) -> None:
+    from flowbridge.fileserver import PlikStore  # noqa: PLC0415
+    from flowbridge.smart import smartreceive  # noqa: PLC0415
+
+    async with PlikStore() as store:
+        run = await start(
+            f"""
+bridge: {{fileserver: "{store.url}"}}
+brokers:
+  edge: {{url: "mqtt://edge"}}
+  core: {{url: "nats://core", options: {{max_payload: 2000}}}}
+routes:
+  - name: r
+    from: {{broker: edge, filter: "in/#"}}
+    to: [{{broker: core}}]
+"""
+        )
+        big = bytes(range(256)) * 40  # 10,240 bytes: over the target's 2,000
+        mid = "0b6f3c6e-5d0a-4b8e-9a51-6f1f2a3b4c5d"
+        broker("edge").deliver(Message("in/big", big, message_id=mid))
+        broker("edge").deliver(Message("in/small", b"ok"))
+        await settle(lambda: len(broker("core").published) == 2)
+        linked, small = broker("core").published
+        assert small.payload == b"ok"
+        assert len(linked.payload) <= 2000
+        assert linked.message_id == mid
+        items, env = await smartreceive(linked.payload, fileserver=store.url)
+        assert items == [("body", big, "binary")]
+        assert env.payloads[0].transport == "link"
+        assert run.bridge.stats()["r"].offloaded == 1
