@@ -301,6 +301,9 @@ class MqttAdapter(Adapter):
                     raise ConnectError(
                         f"broker {self.name} ({self.safe_url}): {self._detail}"
                     ) from exc
+                self.log.warning(
+                    "cannot connect to %s (%s), retry in %.1fs", self.safe_url, self._detail, delay
+                )
                 await asyncio.sleep(delay)
         self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt-{self.name}")
 
