@@ -163,6 +163,7 @@ async def test_publish_headers_repeats_and_named_fields(
 ) -> None:
     subject = f"js.{unique}.hdr"
     sub = await nc.subscribe(subject)
+    await nc.flush()  # SUB processed before another connection publishes
     m = Message(
         subject,
         b"body",
@@ -195,6 +196,7 @@ async def test_publish_refuses_bad_messages_per_message(
 ) -> None:
     subject = f"core.{unique}"
     sub = await nc.subscribe(subject)
+    await nc.flush()  # SUB processed before another connection publishes
     batch = [
         Message(subject, b"1"),
         Message(subject, b"2", headers=[("Bad", "a\r\nInjected: yes")]),
@@ -218,6 +220,7 @@ async def test_publish_refuses_bad_messages_per_message(
 async def test_publish_order_and_volume(adapter: NatsAdapter, nc: Client, unique: str) -> None:
     subject = f"core.{unique}.vol"
     sub = await nc.subscribe(subject, pending_msgs_limit=100_000)
+    await nc.flush()  # SUB processed before another connection publishes
     n = 20_000
     msgs = [Message(subject, b"%d" % i) for i in range(n)]
     for i in range(0, n, 1000):

@@ -75,6 +75,7 @@ async def test_nats(nats_url: str, unique: str, store: PlikStore, items: list[It
     nc = await nats.connect(nats_url)
     try:
         native = await nc.subscribe(subject)
+        await nc.flush()
         async with listen(nats_url, f"fb.smart.{unique}", fileserver=store.url) as rx:
             sent = await smartsend(
                 nats_url, subject, items, fileserver=store.url, reply_to=f"fb.reply.{unique}"
