@@ -87,9 +87,11 @@ class Paced:
             self.task.cancel()
 
 
-def tally(got: list[tuple[str, bytes]], topics: list[str], count: int) -> tuple[int, list[int]]:
-    """Check that every message 0..count-1 arrived on its topic and that first occurrences
-    keep per-topic order; return (duplicates, indices delivered more than once)."""
+def tally(
+    got: list[tuple[str, bytes]], topics: list[str], count: int, *, ordered: bool = True
+) -> tuple[int, list[int]]:
+    """Check that every message 0..count-1 arrived on its topic and (``ordered``) that first
+    occurrences keep per-topic order; return (duplicates, indices delivered more than once)."""
     seen: dict[int, int] = {}
     first: dict[str, list[int]] = {t: [] for t in topics}
     for topic, payload in got:
@@ -101,7 +103,10 @@ def tally(got: list[tuple[str, bytes]], topics: list[str], count: int) -> tuple[
     missing = sorted(set(range(count)) - set(seen))
     assert not missing, f"{len(missing)} lost, first ones: {missing[:20]}"
     for k, topic in enumerate(topics):
-        assert first[topic] == list(range(k, count, len(topics))), f"order broken on {topic}"
+        if ordered:
+            assert first[topic] == list(range(k, count, len(topics))), f"order broken on {topic}"
+        else:
+            assert sorted(first[topic]) == list(range(k, count, len(topics))), topic
     again = sorted(i for i, n in seen.items() if n > 1)
     return sum(seen.values()) - count, again
 
@@ -415,7 +420,9 @@ async def test_bridge_restart_jetstream_to_amqp(
             bridge.log,
         )
         await asyncio.sleep(1.0)
-        dups, again = tally(data(sub.received), nats_topics, count)
+        # After a SIGKILL, JetStream redelivers what was in flight only once ack_wait expires,
+        # after newer messages: none may be lost, but those few may come late.
+        dups, again = tally(data(sub.received), nats_topics, count, ordered=how != "sigkill")
         print(f"JetStream source, bridge {how} at #{down_at}: {dups} duplicate(s) {again[:10]}")
         assert bridge.stop() == 0, bridge.log()
         check_restart_duplicates(how, down_at, again, 100)
