@@ -258,6 +258,9 @@ async def embedded_brokers(
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 preexec_fn=_parent_death_signal(),
+                # Its own session: a Ctrl-C meant for flowbridge must not stop the broker
+                # under the routes that are finishing their in-flight batches.
+                start_new_session=True,
             )
         # start() returns once its listening socket is open: no probe needed (a bare TCP
         # probe would only make amqtt log an error about an empty connection).

@@ -501,6 +501,7 @@ class Bridge:
         self._route_stop: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed: asyncio.Future[BaseException] | None = None
+        self.stopped_stats: dict[str, RouteStats] = {}  # of routes stopped (at exit: all)
 
     @property
     def runners(self) -> list[RouteRunner]:
@@ -579,6 +580,7 @@ class Bridge:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         for name in names:
+            self.stopped_stats[name] = self._runners[name].stats
             del self._runners[name], self._route_stop[name], self._tasks[name]
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -814,7 +816,7 @@ async def _run(args: Any) -> int:
         finally:
             if watcher is not None:
                 watcher.cancel()
-        for name, st in bridge.stats().items():
+        for name, st in bridge.stopped_stats.items():
             log.info(
                 "route %s: received %d, forwarded %d, echoes suppressed %d, dead-lettered %d, "
                 "dropped %d",
