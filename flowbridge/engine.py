@@ -257,7 +257,7 @@ class RouteRunner:
             if self.dollar_guard and m.topic.startswith("$"):
                 st.filtered += 1
                 continue
-            if env_mode != "off" and (env_mode != "auto" or m.payload[:1] == b"{"):
+            if env_mode != "off" and (env_mode != "auto" or m.payload.startswith(b"{")):
                 try:
                     m = transform(m, env_mode, **env_args)
                 except EnvelopeError as exc:

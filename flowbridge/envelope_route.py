@@ -45,7 +45,7 @@ def _is_uuid(text: str | None) -> TypeGuard[str]:
 
 def looks_like_envelope(payload: bytes) -> bool:
     """A cheap test before parsing: most bodies are not JSON objects at all."""
-    return payload[:1] == b"{" and b'"payloads"' in payload and b'"msg_id"' in payload
+    return payload.startswith(b"{") and b'"payloads"' in payload and b'"msg_id"' in payload
 
 
 def with_fields(m: Message, env: Envelope) -> Message:
