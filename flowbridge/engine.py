@@ -26,7 +26,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowbridge.adapters.base import Adapter, Delivery, Message, Options, PublishOutcome
+from flowbridge.adapters.base import (
+    Adapter,
+    Delivery,
+    Headers,
+    Message,
+    Options,
+    PublishOutcome,
+)
 from flowbridge.config import Config, DeadLetter, Route, Target
 from flowbridge.envelope import EnvelopeError
 from flowbridge.envelope_route import looks_like_envelope, offload, transform, translate_reply_to
@@ -46,6 +53,7 @@ DEAD_ROUTE = "flowbridge-dead-route"
 _OWN = frozenset((SOURCE_PROTOCOL, SOURCE_TOPIC))
 
 SHUTDOWN_GRACE = 10.0
+_PLANS_MAX = 65536  # per target: source topics whose target name and headers are cached
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
@@ -146,6 +154,7 @@ class _Target:
     headers: bool
     keyed: bool
     watchers: list[tuple[str, Filter, str]]  # routes reading this broker without headers
+    plans: dict[str, tuple[str, Headers, bytes | None]] = field(default_factory=dict)
 
 
 class RouteRunner:
@@ -263,25 +272,24 @@ class RouteRunner:
                 except EnvelopeError as exc:
                     dead.append((i, "envelope", f"not a valid envelope: {exc}"))
                     continue
+            topic = m.topic
             for ti, t in enumerate(targets):
-                try:
-                    name = t.template.render_native(m.topic)
-                except TopicError as exc:
-                    dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
-                    continue
+                plan = t.plans.get(topic)
+                if plan is None:
+                    try:
+                        plan = self._plan(t, topic)
+                    except TopicError as exc:
+                        dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
+                        continue
+                name, own, key = plan
                 if t.headers:
-                    extra = (
-                        (VIA, via + name),
-                        (SOURCE_PROTOCOL, protocol),
-                        (SOURCE_TOPIC, m.topic),
+                    # Without headers of its own the message shares the plan's list: adapters
+                    # never change a message's headers, and can cache their encoding.
+                    out_headers = (
+                        [*(h for h in headers if h[0] not in _OWN), *own] if headers else own
                     )
-                    if headers:
-                        kept = [h for h in headers if h[0] not in _OWN]
-                        out_headers = [*kept, *extra]
-                    else:
-                        out_headers = list(extra)
-                    # Kafka keys come from the real topic, never from the route's filter.
-                    key = m.key if m.key is not None or not t.keyed else m.topic.encode()
+                    if m.key is not None:
+                        key = m.key
                     reply = m.reply_to
                     payload = m.payload
                     if reply is not None and t.spec.protocol != protocol:
@@ -325,6 +333,22 @@ class RouteRunner:
             d.ack()
         st.in_flight = 0
         st.observe(time.monotonic() - started, len(batch))
+
+    def _plan(self, t: _Target, topic: str) -> tuple[str, Headers, bytes | None]:
+        """What a source topic becomes on a target: its name there, the bridge's own headers
+        for it, and the Kafka key (the real topic, never the route's filter).  Computed once
+        per topic; raises TopicError when the target cannot name it."""
+        name = t.template.render_native(topic)
+        own: Headers = [
+            (VIA, self.via + name),
+            (SOURCE_PROTOCOL, self.protocol),
+            (SOURCE_TOPIC, topic),
+        ]
+        plan = (name, own, topic.encode() if t.keyed else None)
+        if len(t.plans) >= _PLANS_MAX:
+            t.plans.clear()
+        t.plans[topic] = plan
+        return plan
 
     def _reply_name(self, reply: str, target: str) -> str | None:
         """A reply topic in the target's protocol, so a responder there answers somewhere a

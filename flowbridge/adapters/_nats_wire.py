@@ -205,10 +205,9 @@ def pub_frame(
     out: bytearray, subject: bytes, reply: bytes, hdr: bytes | None, payload: bytes
 ) -> None:
     """Append one PUB/HPUB frame to ``out``."""
+    # One formatting operation per frame: fewer interpreter steps than appending its parts.
     if hdr is None:
-        out += b"PUB %s %s%d\r\n" % (subject, reply, len(payload))
+        out += b"PUB %s %s%d\r\n%s\r\n" % (subject, reply, len(payload), payload)
     else:
-        out += b"HPUB %s %s%d %d\r\n" % (subject, reply, len(hdr), len(hdr) + len(payload))
-        out += hdr
-    out += payload
-    out += CRLF
+        n = len(hdr)
+        out += b"HPUB %s %s%d %d\r\n%s%s\r\n" % (subject, reply, n, n + len(payload), hdr, payload)

@@ -30,7 +30,9 @@ class Message:
 
     ``topic`` is the name in the protocol of the adapter that produced it (source) or must
     use it (target).  The optional fields are the native carriers every protocol has in
-    some form; ``None`` means absent, so the hot path skips them cheaply.
+    some form; ``None`` means absent, so the hot path skips them cheaply.  ``headers`` may
+    be shared by many messages (the engine gives all messages of a topic one list): nobody
+    changes a message's headers in place, and adapters may cache their encoding by identity.
     """
 
     topic: str

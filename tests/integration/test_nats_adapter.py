@@ -217,6 +217,47 @@ async def test_publish_refuses_bad_messages_per_message(
     assert adapter.health().ok  # the connection survived
 
 
+async def test_shared_header_lists_are_framed_right(
+    adapter: NatsAdapter, nc: Client, unique: str
+) -> None:
+    """One header list shared by many messages (as routes publish) is encoded once and
+    reused; other topics, other fields and oversize bodies on the same list still come out
+    exactly as for a fresh list."""
+    sub = await nc.subscribe(f"shared.{unique}.>")
+    await nc.flush()  # SUB processed before another connection publishes
+    shared = [("X-Via", "b one"), ("X-Via", "b two")]
+    a, b = f"shared.{unique}.a", f"shared.{unique}.b"
+    batch = [
+        Message(a, b"1", shared),
+        Message(a, b"22", shared),
+        Message(b, b"3", shared),  # same list, another subject: not the cached frame
+        Message(a, b"4", shared, message_id="m-4"),  # a named field joins the block
+        Message(a, b"x" * nc.max_payload, shared),  # fits without headers only: refused
+        Message(a, b"", shared),
+        Message(a, b"7", shared, reply_to=f"shared.{unique}.reply"),
+    ]
+    outcome = await adapter.publish(batch, confirm=True)
+    assert outcome is not None
+    assert [i for i, r in enumerate(outcome) if r is not None] == [4]
+    assert "exceeds max_payload" in str(outcome[4])
+    got = [await sub.next_msg(timeout=2) for _ in range(6)]
+    assert [(m.subject, m.data) for m in got] == [
+        (a, b"1"),
+        (a, b"22"),
+        (b, b"3"),
+        (a, b"4"),
+        (a, b""),
+        (a, b"7"),
+    ]
+    for m in got:
+        # nats-py keeps the last of repeated names; the raw block is checked elsewhere.
+        assert m.headers is not None and m.headers["X-Via"] == "b two"
+    assert got[3].headers is not None and got[3].headers["Nats-Msg-Id"] == "m-4"
+    assert "Nats-Msg-Id" not in (got[4].headers or {})
+    assert got[5].reply == f"shared.{unique}.reply"
+    assert shared == [("X-Via", "b one"), ("X-Via", "b two")]  # never changed in place
+
+
 async def test_publish_order_and_volume(adapter: NatsAdapter, nc: Client, unique: str) -> None:
     subject = f"core.{unique}.vol"
     sub = await nc.subscribe(subject, pending_msgs_limit=100_000)
