@@ -217,22 +217,35 @@ class RouteRunner:
         await self.bridge.connected(self.route)
         log.info("%s", self.describe())
         batches = self.source.subscribe(self.route.subscription())
+        # The batch is awaited directly (no task and wait per batch: small batches come
+        # often); a stop interrupts only that wait, never a batch being forwarded.
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = [False]
+
+        def interrupt(_: object) -> None:
+            if waiting[0]:
+                task.cancel(_STOP)
+
         stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(interrupt)
         try:
-            while True:
-                nxt = asyncio.ensure_future(batches.__anext__())
-                await asyncio.wait({nxt, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
-                    nxt.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await nxt
-                    return
+            while not stop.is_set():
+                waiting[0] = True
                 try:
-                    batch = nxt.result()
+                    batch = await anext(batches)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError as exc:
+                    if stop.is_set() and exc.args == (_STOP,):
+                        task.uncancel()
+                        return
+                    raise
+                finally:
+                    waiting[0] = False
                 await self.handle(batch, stop)
         finally:
+            stopping.remove_done_callback(interrupt)
             stopping.cancel()
             with contextlib.suppress(Exception):
                 await batches.aclose()
@@ -504,6 +517,7 @@ class RouteRunner:
 
 
 _GAVE_UP = object()
+_STOP = "route stopping"  # the cancel message of a stop interrupting the wait for a batch
 
 
 class Bridge:

@@ -140,7 +140,6 @@ class _Parser(Parser):
                 extra = len(args) - (4 if hmsg else 3)  # 1: a reply subject is present
                 try:
                     size = int(args[-1])
-                    sid = int(args[1])
                     hsize = int(args[-2]) if hmsg else 0
                 except (ValueError, IndexError):
                     extra = -1
@@ -160,8 +159,14 @@ class _Parser(Parser):
                     hdr = None
                     payload = data[start:stop]
                 pos = stop + 2
-                handler = handlers.get(sid)
+                handler = handlers.get(args[1])
                 if handler is None:
+                    try:
+                        sid = int(args[1])
+                    except ValueError:
+                        raise nats.errors.ProtocolError(
+                            f"nats: malformed sid {args[1][:50]!r} in a message line"
+                        ) from None
                     await nc._process_msg(sid, args[0], reply, payload, hdr)  # type: ignore[arg-type]
                     continue
                 try:
@@ -202,7 +207,7 @@ class _Client(Client):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fb_handlers: dict[int, Handler] = {}
+        self.fb_handlers: dict[bytes, Handler] = {}  # by sid as it appears on the wire
         self.fb_errors: Callable[[BaseException], None] = lambda exc: None
         self.fb_require_tls = False
         self._ps = _Parser(self)
@@ -683,11 +688,11 @@ class NatsAdapter(Adapter):
         # Register before SUB goes out so no early message takes nats-py's own path; the sid
         # nats-py assigns is the next one (assigned before its first await).
         sid = nc._sid + 1
-        nc.fb_handlers[sid] = spec.handler
+        nc.fb_handlers[b"%d" % sid] = spec.handler
         sub = await nc.subscribe(spec.subject, queue=spec.queue)
         if sub._id != sid:  # pragma: no cover - nats-py changed how sids are assigned
-            nc.fb_handlers.pop(sid, None)
-            nc.fb_handlers[sub._id] = spec.handler
+            nc.fb_handlers.pop(b"%d" % sid, None)
+            nc.fb_handlers[b"%d" % sub._id] = spec.handler
         spec.sid = sub._id
 
     async def _unsub(self, spec: _SubSpec) -> None:
@@ -695,7 +700,7 @@ class NatsAdapter(Adapter):
         nc = self._nc
         if nc is None:
             return
-        nc.fb_handlers.pop(spec.sid, None)
+        nc.fb_handlers.pop(b"%d" % spec.sid, None)
         sub = nc._subs.get(spec.sid)
         if sub is not None and not nc.is_closed:
             with contextlib.suppress(Exception):

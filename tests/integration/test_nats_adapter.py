@@ -251,8 +251,10 @@ async def test_shared_header_lists_are_framed_right(
     ]
     for m in got:
         # nats-py keeps the last of repeated names; the raw block is checked elsewhere.
-        assert m.headers is not None and m.headers["X-Via"] == "b two"
-    assert got[3].headers is not None and got[3].headers["Nats-Msg-Id"] == "m-4"
+        assert m.headers is not None
+        assert m.headers["X-Via"] == "b two"
+    assert got[3].headers is not None
+    assert got[3].headers["Nats-Msg-Id"] == "m-4"
     assert "Nats-Msg-Id" not in (got[4].headers or {})
     assert got[5].reply == f"shared.{unique}.reply"
     assert shared == [("X-Via", "b one"), ("X-Via", "b two")]  # never changed in place

@@ -18,7 +18,7 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
-        self.fb_handlers = {1: self.mine}
+        self.fb_handlers = {b"1": self.mine}
         self.errors: list[BaseException] = []
         self.fb_errors = self.errors.append
 
