@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar, Literal
@@ -24,8 +25,8 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
-    MessageSizeTooLargeError,
 )
+from aiokafka.partitioner import murmur2
 from aiokafka.protocol.metadata import MetadataRequest
 from pydantic import Field, field_validator, model_validator
 
@@ -33,6 +34,7 @@ from flowbridge.adapters.base import (
     Adapter,
     ConnState,
     Delivery,
+    Headers,
     Health,
     Message,
     Options,
@@ -46,6 +48,10 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
 _REGEX_META = frozenset(".^$*+?{}[]|()")
 _UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 _TOPIC_EXISTS = 36  # Kafka error code TOPIC_ALREADY_EXISTS
+_CACHE_MAX = 4096
+_NO_HEADERS: list[tuple[str, bytes]] = []  # never appended to
+# Bytes a record adds to its value on the wire, beyond key and headers, at most.
+_RECORD_OVERHEAD = 64
 # Connection trouble: worth retrying the same batch later.
 _TRANSIENT = (KafkaConnectionError, KafkaTimeoutError, OSError, asyncio.TimeoutError)
 
@@ -457,6 +463,8 @@ class KafkaAdapter(Adapter):
         self._closed = False
         self._default_target = KafkaTargetOptions()
         self.unconfirmed_failures = 0  # unconfirmed sends that later failed (logged)
+        self._partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
+        self._header_cache: dict[int, tuple[Headers, list[tuple[str, bytes]]]] = {}
 
     # -- connection ---------------------------------------------------------------------
 
@@ -733,40 +741,82 @@ class KafkaAdapter(Adapter):
                     f"broker {self.name}: topic lookup: {exc!r}", retriable=exc.retriable
                 ) from exc
         results: list[PublishError | None] | None = None
-        sent: list[tuple[int, asyncio.Future[Any]]] = []
-        partition = opts.partition
+        n = len(messages)
+        # Records go out as whole batches per partition (aiokafka's per-record send costs a
+        # coroutine, a future and a partitioner call each), in order within each partition.
+        groups: dict[tuple[str, int], list[int]] = {}
+        fixed = opts.partition
+        limit = self.opts.max_request_size
+        counts: dict[str, int] = {}
+        encoded: list[list[tuple[str, bytes]]] = [_NO_HEADERS] * n
         for i, m in enumerate(messages):
-            error: PublishError | None = None
-            if refused and m.topic in refused:
-                error = PublishError(f"kafka {m.topic!r}: {refused[m.topic]}", retriable=False)
-            else:
-                ts = m.timestamp
+            topic = m.topic
+            if refused and topic in refused:
+                results = results or [None] * n
+                results[i] = PublishError(f"kafka {topic!r}: {refused[topic]}", retriable=False)
+                continue
+            headers = self._headers(m)
+            size = len(m.payload) + len(m.key or b"") + _RECORD_OVERHEAD
+            size += sum(len(k) + len(v) + 8 for k, v in headers)
+            if size > limit:
+                results = results or [None] * n
+                results[i] = PublishError(
+                    f"kafka {topic!r}: record of about {size} bytes over max_request_size {limit}",
+                    retriable=False,
+                )
+                continue
+            encoded[i] = headers
+            nparts = counts.get(topic)
+            if nparts is None:
                 try:
-                    # Returns once queued (suspends only when the buffer is full).
-                    fut = await producer.send(
-                        m.topic,
-                        m.payload,
-                        key=m.key,
-                        partition=partition,
-                        timestamp_ms=None if ts is None else round(ts * 1000),
-                        headers=_record_headers(m),
-                    )
-                except MessageSizeTooLargeError as exc:
-                    error = PublishError(
-                        f"kafka {m.topic!r}: record over max_request_size "
-                        f"{self.opts.max_request_size}: {exc}",
+                    nparts = counts[topic] = len(await producer.partitions_for(topic))
+                except (KafkaError, *_TRANSIENT) as exc:
+                    raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
+            if fixed is not None:
+                if fixed >= nparts:
+                    results = results or [None] * n
+                    results[i] = PublishError(
+                        f"kafka {topic!r}: no partition {fixed} (it has {nparts})",
                         retriable=False,
                     )
-                except (KafkaError, *_TRANSIENT) as exc:
-                    if not sent and results is None:
-                        raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
-                    error = PublishError(f"kafka {m.topic!r}: {exc!r}", retriable=True)
-                else:
-                    sent.append((i, fut))
-            if error is not None:
-                if results is None:
-                    results = [None] * len(messages)
-                results[i] = error
+                    continue
+                part = fixed
+            else:
+                part = self._partition(topic, m.key, nparts)
+            groups.setdefault((topic, part), []).append(i)
+        sent: list[tuple[list[int], asyncio.Future[Any]]] = []
+        try:
+            for (topic, part), members in groups.items():
+                builder = producer.create_batch()
+                batch: list[int] = []
+                for i in members:
+                    m = messages[i]
+                    ts = None if m.timestamp is None else round(m.timestamp * 1000)
+                    headers = encoded[i]
+                    if (
+                        builder.append(key=m.key, value=m.payload, timestamp=ts, headers=headers)
+                        is None
+                    ):
+                        # Full: send it and start the next (the first record always fits).
+                        fut = await producer.send_batch(builder, topic, partition=part)
+                        sent.append((batch, fut))
+                        builder = producer.create_batch()
+                        batch = []
+                        builder.append(key=m.key, value=m.payload, timestamp=ts, headers=headers)
+                    batch.append(i)
+                sent.append((batch, await producer.send_batch(builder, topic, partition=part)))
+        except (KafkaError, *_TRANSIENT) as exc:
+            if not sent:
+                raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
+            # Batches already handed over are tracked below; the rest may be retried.
+            queued = {i for batch, _ in sent for i in batch}
+            results = results or [None] * n
+            for members in groups.values():
+                for i in members:
+                    if i not in queued:
+                        results[i] = PublishError(
+                            f"kafka {messages[i].topic!r}: {exc!r}", retriable=True
+                        )
         if not confirm:
             for _, fut in sent:
                 fut.add_done_callback(self._report_late)
@@ -774,24 +824,59 @@ class KafkaAdapter(Adapter):
         if sent:
             await asyncio.wait([f for _, f in sent])
         failed = 0
-        for i, fut in sent:
+        for batch, fut in sent:
             err = fut.exception()
             if err is None:
                 continue
-            failed += 1
-            if results is None:
-                results = [None] * len(messages)
+            failed += len(batch)
+            results = results or [None] * n
             retriable = isinstance(err, _TRANSIENT) or bool(getattr(err, "retriable", False))
-            results[i] = PublishError(f"kafka {messages[i].topic!r}: {err!r}", retriable=retriable)
+            for i in batch:
+                results[i] = PublishError(
+                    f"kafka {messages[i].topic!r}: {err!r}", retriable=retriable
+                )
         if (
             results is not None
-            and failed == len(messages)
+            and failed == n
             and all(r is not None and r.retriable for r in results)
         ):
             raise PublishError(
                 f"broker {self.name}: nothing confirmed: {results[0]}", retriable=True
             )
         return results
+
+    def _partition(self, topic: str, key: bytes | None, nparts: int) -> int:
+        """The default partitioner's choice (murmur2 of the key, as the Java client), cached
+        per key: a route's keys are its topics, a handful that repeat."""
+        if key is None:
+            return random.randrange(nparts)
+        cached = self._partitions.get((topic, key))
+        if cached is not None and cached[0] == nparts:
+            return cached[1]
+        part = (int(murmur2(key)) & 0x7FFFFFFF) % nparts
+        if len(self._partitions) >= _CACHE_MAX:
+            self._partitions.clear()
+        self._partitions[(topic, key)] = (nparts, part)
+        return part
+
+    def _headers(self, m: Message) -> list[tuple[str, bytes]]:
+        """Record headers; a header list shared by many messages is encoded once."""
+        h = m.headers
+        if h is None or (
+            m.content_type is not None
+            or m.correlation_id is not None
+            or m.reply_to is not None
+            or m.message_id is not None
+        ):
+            return _record_headers(m) or []
+        cached = self._header_cache.get(id(h))
+        if cached is not None and cached[0] is h:  # the entry holds h: its id is not reused
+            return cached[1]
+        encoded = _record_headers(m) or []
+        if len(self._header_cache) >= _CACHE_MAX:
+            self._header_cache.clear()
+        self._header_cache[id(h)] = (h, encoded)
+        return encoded
 
     def _report_late(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is None:

@@ -245,6 +245,41 @@ async def test_fixed_partition_option(kafka_url: str, unique: str) -> None:
     assert {r.partition for r in await read(kafka_url, topic, 20)} == {2}
 
 
+async def test_keyed_records_land_where_the_default_partitioner_puts_them(
+    kafka_url: str, unique: str
+) -> None:
+    """Records are batched per partition by the adapter itself: a key must still land on
+    the partition aiokafka's (and Java's) murmur2 partitioner picks, in order per key, and a
+    fixed partition the topic does not have is refused alone."""
+    ours, theirs = f"fb.keys.{unique}", f"fb.keys-native.{unique}"
+    keys = [b"k%d" % (i % 7) for i in range(140)]
+    async with connected(kafka_url, partitions=5) as a:
+        msgs = [Message(ours, b"%d" % i, key=k) for i, k in enumerate(keys)]
+        # The native producer writes to a topic of the same size, created by the adapter.
+        assert await a.publish([Message(theirs, b"seed", key=b"seed")], confirm=True) is None
+        assert await a.publish(msgs, confirm=True) is None
+        out = await a.publish(
+            [Message(ours, b"x"), Message(ours, b"y")],
+            confirm=True,
+            options=KafkaTargetOptions(partition=9),
+        )
+        assert out is not None
+        assert all(isinstance(r, PublishError) and "no partition 9" in r.reason for r in out)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap(kafka_url))
+    await producer.start()
+    try:
+        native = {}
+        for k in sorted(set(keys)):
+            native[k] = (await producer.send_and_wait(theirs, b"n", key=k)).partition
+    finally:
+        await producer.stop()
+    records = await read(kafka_url, ours, len(keys))
+    assert {r.key: r.partition for r in records} == native
+    for k in set(keys):
+        got = [int(r.value) for r in records if r.key == k]
+        assert got == [i for i, kk in enumerate(keys) if kk == k]
+
+
 async def test_idempotence_auto_falls_back_once(
     kafka_url: str, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
