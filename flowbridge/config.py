@@ -1004,6 +1004,25 @@ class _Loader:
             options=options,
         )
 
+    def check_replies(self, routes: Sequence[Route | None]) -> None:
+        """Each request-reply target needs a route that carries its replies back."""
+        readers = {
+            r.source.broker
+            for r in routes
+            if r is not None
+            and self.resolved[r.source.broker].adapter.reads_replies(r.source.options)
+        }
+        for item, route in zip(self.routes.values(), routes, strict=True):
+            if route is None:
+                continue
+            for (tloc, _), target in zip(item.spec.targets, route.targets, strict=True):
+                if target.broker in readers:
+                    continue
+                need = self.resolved[target.broker].adapter.replies_needed(target.options)
+                if need is not None:
+                    loc = (*tloc, "options")
+                    self.problems.add(item.doc, loc, need.format(broker=target.broker))
+
     def load(self, paths: Sequence[str]) -> Config:
         if not paths:
             raise ConfigError(["no mapping file given"])
@@ -1015,6 +1034,8 @@ class _Loader:
         self.resolve_brokers()
         bridge = self.resolve_bridge()
         routes = [self.resolve_route(item, bridge) for item in self.routes.values()]
+        if not self.problems:
+            self.check_replies(routes)
         if not self.routes and self.docs and not self.problems:
             self.problems.add(self.docs[0], (), "no routes are defined", line=1)
         if self.problems:

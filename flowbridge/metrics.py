@@ -55,6 +55,7 @@ class Snapshot:
     health: dict[str, Health]  # fresh objects from each adapter
     ready: bool
     echo_evicted: int
+    counters: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # by broker
 
     @classmethod
     def of(cls, bridge: Bridge) -> Snapshot:
@@ -73,7 +74,12 @@ class Snapshot:
             for name in used_brokers(config)
             if name in bridge.adapters
         }
-        return cls(config, stats, health, bridge.ready()[0], bridge.echo.evicted)
+        counters = {
+            name: bridge.adapters[name].counters()
+            for name in used_brokers(config)
+            if name in bridge.adapters
+        }
+        return cls(config, stats, health, bridge.ready()[0], bridge.echo.evicted, counters)
 
 
 class BridgeCollector:
@@ -84,7 +90,9 @@ class BridgeCollector:
 
     def describe(self) -> Iterator[Metric]:
         # Names only: registering must not depend on the bridge's state.
-        return families(dataclasses.replace(Snapshot.of(self.bridge), stats={}, health={}))
+        return families(
+            dataclasses.replace(Snapshot.of(self.bridge), stats={}, health={}, counters={})
+        )
 
     def collect(self) -> Iterator[Metric]:
         return families(Snapshot.of(self.bridge))
@@ -240,6 +248,16 @@ def _broker_families(snap: Snapshot) -> Iterator[Metric]:
             state.add_metric([broker, s], 1 if h.state.value == s else 0)
         subscribed.add_metric([broker], 1 if h.subscribed else 0)
         up.add_metric([broker], 1 if h.ok else 0)
+    events = CounterMetricFamily(
+        "flowbridge_broker_events",
+        "Events an adapter counts itself, by name (e.g. AMQP rpc_expired: RPC requests "
+        "that got no reply in time)",
+        labels=["broker", "event"],
+    )
+    for broker, counts in snap.counters.items():
+        for event, n in sorted(counts.items()):
+            events.add_metric([broker, event], n)
+    yield events
     yield reconnects
     yield connected
     yield state

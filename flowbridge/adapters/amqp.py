@@ -18,6 +18,16 @@ strings as they are; byte arrays as UTF-8 when valid, else standard base64; bool
 ISO 8601 UTC (``2024-01-31T12:00:00Z``); void as the empty string; nested tables and
 arrays inside arrays as compact JSON.  The table carries distinct names in sorted order
 (pamqp sorts them); values of one name keep their order.
+
+RPC (target option ``rpc``): a message with a reply-to is published with reply-to
+``amq.rabbitmq.reply-to`` (RabbitMQ direct reply-to) and a correlation id the adapter
+generates, on a channel that consumes that pseudo-queue (no-ack) before it publishes.  A
+bounded map (``rpc_max_pending``, entries expire after ``rpc_timeout``) remembers the
+original reply-to and correlation id; the reply is handed, under the original reply-to and
+with the original correlation id, to every ``replies`` source of this broker whose filter
+matches.  Replies cannot be acknowledged and are not redelivered: those for a channel that
+closed (connection lost) are gone by RabbitMQ's design, and their requests count as expired.
+A reply nobody waits for any more is counted (``rpc_unknown_replies``) and logged once.
 """
 
 from __future__ import annotations
@@ -26,10 +36,12 @@ import asyncio
 import base64
 import datetime
 import json
+import secrets
 import struct
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from decimal import Decimal
+from itertools import count
 from typing import Any, ClassVar
 
 import aiormq
@@ -41,9 +53,10 @@ from pamqp import encode as pamqp_encode
 from pamqp.body import ContentBody
 from pamqp.common import FieldValue
 from pamqp.header import ContentHeader
-from pydantic import Field
+from pydantic import Field, model_validator
 from yarl import URL
 
+from flowbridge.adapters._rpc import PendingReplies
 from flowbridge.adapters.base import (
     Adapter,
     Backoff,
@@ -55,7 +68,7 @@ from flowbridge.adapters.base import (
     PublishOutcome,
     Subscription,
 )
-from flowbridge.errors import ConnectError, PublishError
+from flowbridge.errors import ConnectError, PublishError, TopicError
 from flowbridge.security import (
     SecuredOptions,
     TlsSettings,
@@ -64,12 +77,15 @@ from flowbridge.security import (
     security_of,
     tls_for,
 )
+from flowbridge.topics import parse_filter, parse_topic
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 CORRELATION_HEADER = "x-correlation-id"
 _PREFETCH_MAX = 65535  # basic.qos prefetch_count is a short
 _CHUNK_BYTES = 256 * 1024  # publish frames are handed to the writer in chunks of this size
 _FLUSH_TIMEOUT = 5.0
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+_TIMER_SLACK = 0.005  # an expiry timer may fire a hair before its deadline
 
 
 class AmqpBrokerOptions(SecuredOptions):
@@ -81,18 +97,45 @@ class AmqpBrokerOptions(SecuredOptions):
     max_message_size: int = Field(default=DEFAULT_MAX_MESSAGE_SIZE, gt=0)
     connection_name: str | None = None  # None: "flowbridge NAME"
     connect_timeout: float = Field(default=10.0, gt=0)
+    # Requests of ``rpc`` targets awaiting a reply; beyond it the oldest is forgotten.
+    rpc_max_pending: int = Field(default=10_000, ge=1, le=1_000_000)
 
 
 class AmqpSourceOptions(Options):
     exchange: str | None = None  # None: the broker's exchange
     queue: str | None = None  # durable queue name; None: "flowbridge.<route>"
     queue_arguments: dict[str, str | int | bool] = Field(default_factory=dict)
+    # The replies to this broker's ``rpc`` targets, under their requests' reply-to names
+    # (the route's filter selects among them); no queue, no acknowledgements.
+    replies: bool = False
+
+    @model_validator(mode="after")
+    def _replies_read_no_queue(self) -> AmqpSourceOptions:
+        if self.replies:
+            queue_keys = ("exchange", "queue", "queue_arguments")
+            given = [k for k in queue_keys if k in self.model_fields_set]
+            if given:
+                raise ValueError(
+                    f"replies: true reads RabbitMQ direct reply-to, not a queue: "
+                    f"{', '.join(given)} cannot be set with it"
+                )
+        return self
 
 
 class AmqpTargetOptions(Options):
     exchange: str | None = None
     mandatory: bool = False
     persistent: bool | None = None  # None: persistent exactly when the publish is confirmed
+    # A request (a message with a reply-to) goes out with RabbitMQ direct reply-to and a
+    # correlation id of the bridge's; its reply comes back through a ``replies`` source.
+    rpc: bool = False
+    rpc_timeout: float = Field(default=30.0, gt=0, le=86_400)  # seconds a request waits
+
+    @model_validator(mode="after")
+    def _timeout_needs_rpc(self) -> AmqpTargetOptions:
+        if "rpc_timeout" in self.model_fields_set and not self.rpc:
+            raise ValueError("rpc_timeout is only used with rpc: true")
+        return self
 
 
 # --- message <-> wire ------------------------------------------------------------------
@@ -432,6 +475,22 @@ def _ignore_delivery(*_: Any) -> None:
     return None
 
 
+def _as_request(msg: Message, cid: str) -> Message:
+    """``msg`` as an RPC request: replies come to the publishing channel, with ``cid``."""
+    return Message(
+        msg.topic,
+        msg.payload,
+        msg.headers,
+        msg.content_type,
+        cid.encode(),
+        DIRECT_REPLY_TO,
+        msg.message_id,
+        msg.timestamp,
+        msg.key,
+        msg.retain,
+    )
+
+
 async def _consumer_placeholder(_: Any) -> None:
     """aiormq wants a consumer callback; deliveries go to ``_Channel.on_deliver``."""
 
@@ -698,6 +757,46 @@ class _Consumer:
                 self.adapter.log.debug("closing channel: connection went away")
 
 
+class _Replies:
+    """A ``replies`` source: the replies to this broker's RPC requests whose (original)
+    reply-to matches the route's filter.  Direct reply-to has no acknowledgements and
+    cannot be paused, so at most ``max_in_flight`` replies wait here; more are counted."""
+
+    def __init__(self, adapter: AmqpAdapter, sub: Subscription) -> None:
+        self.adapter = adapter
+        self.sub = sub
+        self.filters = tuple(parse_filter(f, "amqp") for f in sub.filters)
+        self.limit = max(1, sub.max_in_flight)
+        self.ready: deque[Delivery] = deque()
+        self.wakeup = asyncio.Event()
+
+    def wants(self, topic: str) -> bool:
+        try:
+            parsed = parse_topic(topic, "amqp")
+        except TopicError:
+            return False
+        return any(f.matches(parsed) for f in self.filters)
+
+    def offer(self, msg: Message) -> bool:
+        if len(self.ready) >= self.limit:
+            return False
+        self.ready.append(Delivery(msg))
+        self.wakeup.set()
+        return True
+
+    async def batches(self) -> AsyncIterator[list[Delivery]]:
+        while True:
+            if not self.ready:
+                if self.adapter.closing:
+                    return
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            batch = list(self.ready)
+            self.ready.clear()
+            yield batch
+
+
 # --- the adapter ----------------------------------------------------------------------
 
 
@@ -732,7 +831,7 @@ class AmqpAdapter(Adapter):
         self._reconnects = 0
         self.closing = False
         self._consumers: set[_Consumer] = set()
-        self._publishers: dict[bool, _Channel] = {}
+        self._publishers: dict[tuple[bool, bool], _Channel] = {}  # by (confirm, rpc)
         self._publisher_lock = asyncio.Lock()
         self._declared: set[str] = set()
         self._supervisor: asyncio.Task[None] | None = None
@@ -741,12 +840,61 @@ class AmqpAdapter(Adapter):
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # RPC: requests awaiting replies, the sources they go to, what happened to them.
+        self._rpc = PendingReplies(self.opts.rpc_max_pending)
+        self._rpc_prefix = f"fb-{secrets.token_hex(4)}-"
+        self._rpc_seq = count(1)
+        self._rpc_timer: asyncio.TimerHandle | None = None
+        self._reply_sources: list[_Replies] = []
+        self._logged: set[str] = set()
+        self.stats: dict[str, int] = {
+            "rpc_requests": 0,  # published with direct reply-to and a correlation id of ours
+            "rpc_replies": 0,  # replies matched to their request
+            "rpc_unknown_replies": 0,  # a correlation id nobody waits for (expired, evicted)
+            "rpc_unrouted_replies": 0,  # no replies source of this broker matches the topic
+            "rpc_overflow_replies": 0,  # the matching replies source had max_in_flight waiting
+        }
+
+    @classmethod
+    def check_source(cls, options: Options, *, durable: bool) -> str | None:
+        if isinstance(options, AmqpSourceOptions) and options.replies and durable:
+            return (
+                "replies: true reads RabbitMQ direct reply-to, which is never acknowledged "
+                "(no-ack): a reply lost in a crash is not redelivered"
+            )
+        return None
 
     @classmethod
     def check_target(cls, options: Options, *, confirm: bool) -> str | None:
         if isinstance(options, AmqpTargetOptions) and options.mandatory and not confirm:
             return "mandatory needs confirm: a returned message is reported through its confirm"
         return None
+
+    @classmethod
+    def reads_replies(cls, options: Options) -> bool:
+        return isinstance(options, AmqpSourceOptions) and options.replies
+
+    @classmethod
+    def replies_needed(cls, options: Options) -> str | None:
+        if isinstance(options, AmqpTargetOptions) and options.rpc:
+            return (
+                "rpc: true needs a route that carries the replies back: "
+                "from: {{broker: {broker}, filter: '#', options: {{replies: true}}}}"
+            )
+        return None
+
+    def counters(self) -> dict[str, int]:
+        return {
+            **self.stats,
+            "rpc_expired": self._rpc.expired,
+            "rpc_evicted": self._rpc.evicted,
+        }
+
+    def _log_once(self, kind: str, msg: str, *args: Any) -> None:
+        if kind in self._logged:
+            return
+        self._logged.add(kind)
+        self.log.warning(msg + " (further ones are counted, not logged)", *args)
 
     def max_payload(self) -> int | None:
         return self.opts.max_message_size
@@ -925,6 +1073,11 @@ class AmqpAdapter(Adapter):
         for consumer in list(self._consumers):
             await consumer.flush(wait=True)
             consumer.wakeup.set()
+        for replies in self._reply_sources:
+            replies.wakeup.set()
+        if self._rpc_timer is not None:
+            self._rpc_timer.cancel()
+            self._rpc_timer = None
         if self._supervisor is not None:
             self._supervisor.cancel()
         for task in list(self._tasks):
@@ -949,6 +1102,17 @@ class AmqpAdapter(Adapter):
     # source -------------------------------------------------------------------------
 
     async def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+        if isinstance(sub.options, AmqpSourceOptions) and sub.options.replies:
+            if sub.durable:
+                raise ValueError(f"route {sub.route}: replies cannot be at-least-once (no-ack)")
+            replies = _Replies(self, sub)
+            self._reply_sources.append(replies)
+            try:
+                async for batch in replies.batches():
+                    yield batch
+            finally:
+                self._reply_sources.remove(replies)
+            return
         consumer = _Consumer(self, sub)
         self._consumers.add(consumer)
         try:
@@ -970,19 +1134,23 @@ class AmqpAdapter(Adapter):
 
     # target -------------------------------------------------------------------------
 
-    async def _publisher(self, confirm: bool, exchange: str) -> _Channel:
-        ch = self._publishers.get(confirm)
+    async def _publisher(self, confirm: bool, exchange: str, rpc: bool) -> _Channel:
+        key = (confirm, rpc)
+        ch = self._publishers.get(key)
         if ch is None or ch.is_closed:
             async with self._publisher_lock:
-                ch = self._publishers.get(confirm)
+                ch = self._publishers.get(key)
                 if ch is None or ch.is_closed:
                     conn = self._conn
                     if conn is None or conn.is_closed:
                         raise PublishError(f"broker {self.name}: not connected", retriable=True)
-                    ch = await self._open_channel(
-                        conn, confirms=confirm, on_deliver=_ignore_delivery
-                    )
-                    self._publishers[confirm] = ch
+                    if rpc:
+                        ch = await self._open_rpc_channel(conn, confirm)
+                    else:
+                        ch = await self._open_channel(
+                            conn, confirms=confirm, on_deliver=_ignore_delivery
+                        )
+                    self._publishers[key] = ch
         if exchange not in self._declared and self._declares(exchange):
             await self._ensure_exchange(ch, exchange)
         return ch
@@ -1014,8 +1182,10 @@ class AmqpAdapter(Adapter):
         limit = self.opts.max_message_size
         results: list[PublishError | None] = [None] * len(messages)
         refused = False
+        rpc = opts.rpc
+        requests: list[tuple[int, str]] = []  # (index, correlation id) of RPC requests
         try:
-            ch = await self._publisher(confirm, exchange)
+            ch = await self._publisher(confirm, exchange, rpc)
         except _LOST as exc:
             if _refused(exc, self._conn):
                 error = PublishError(f"exchange {exchange!r}: {exc}", retriable=False)
@@ -1041,9 +1211,12 @@ class AmqpAdapter(Adapter):
                         )
                         refused = True
                         continue
+                    cid = None
+                    if rpc and msg.reply_to is not None:
+                        cid = f"{self._rpc_prefix}{next(self._rpc_seq):x}"
                     try:
                         frames = encode_publish(
-                            msg,
+                            msg if cid is None else _as_request(msg, cid),
                             number,
                             exchange=exchange_raw,
                             mandatory=mandatory,
@@ -1058,6 +1231,9 @@ class AmqpAdapter(Adapter):
                         results[i] = PublishError(str(exc), retriable=False)
                         refused = True
                         continue
+                    if cid is not None:
+                        self._await_reply(cid, msg, opts.rpc_timeout, ch)
+                        requests.append((i, cid))
                     if batch is not None:
                         ch.register(batch, i)
                     chunk.append(frames)
@@ -1097,4 +1273,120 @@ class AmqpAdapter(Adapter):
             if result is not None:
                 results[i] = result
                 refused = True
+        if refused:
+            for i, cid in requests:
+                if results[i] is not None:
+                    self._rpc.discard(cid)  # never delivered: no reply to wait for
         return results if refused else None
+
+    # rpc ----------------------------------------------------------------------------
+
+    async def _open_rpc_channel(self, conn: aiormq.Connection, confirm: bool) -> _Channel:
+        """A publishing channel that receives the replies to what it publishes: direct
+        reply-to needs the consumer before the first request."""
+        ch = await self._open_channel(conn, confirms=confirm, on_deliver=self._on_reply)
+        ch.closing.add_done_callback(lambda _: self._rpc_channel_closed(ch))
+        try:
+            await ch.basic_consume(DIRECT_REPLY_TO, _consumer_placeholder, no_ack=True)
+        except BaseException:
+            if not ch.is_closed:
+                self._spawn(ch.close())
+            raise
+        return ch
+
+    def _await_reply(self, cid: str, msg: Message, timeout: float, ch: _Channel) -> None:
+        assert msg.reply_to is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        evicted = self._rpc.add(
+            cid, msg.reply_to, msg.correlation_id, timeout=timeout, owner=ch, now=now
+        )
+        self.stats["rpc_requests"] += 1
+        if evicted is not None:
+            self._log_once(
+                "evicted",
+                "broker %s: %d RPC requests awaiting replies (rpc_max_pending): the oldest, "
+                "for %r, is forgotten and its reply will be unknown",
+                self.name,
+                self.opts.rpc_max_pending,
+                evicted.reply_to,
+            )
+        deadline = now + timeout
+        timer = self._rpc_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._rpc_timer = loop.call_at(deadline, self._rpc_expire)
+
+    def _rpc_expire(self) -> None:
+        self._rpc_timer = None
+        loop = asyncio.get_running_loop()
+        gone = self._rpc.expire(loop.time() + _TIMER_SLACK)
+        if gone:
+            self._log_once(
+                "expired",
+                "broker %s: RPC request for %r got no reply within %gs; counted as rpc_expired",
+                self.name,
+                gone[0].reply_to,
+                gone[0].deadline - gone[0].created,
+            )
+        nxt = self._rpc.next_deadline()
+        if nxt is not None and not self.closing:
+            self._rpc_timer = loop.call_at(nxt, self._rpc_expire)
+
+    def _rpc_channel_closed(self, ch: _Channel) -> None:
+        gone = self._rpc.drop_owner(ch)
+        if not gone:
+            return
+        if self.closing:
+            self.log.info("closing with %d RPC request(s) awaiting replies", len(gone))
+            return
+        self.log.warning(
+            "%d RPC request(s) awaiting replies lost with their channel (%s): RabbitMQ "
+            "cannot deliver those replies to a new one; counted as rpc_expired",
+            len(gone),
+            self.security.scrub(str(ch._close_exception or "closed")),
+        )
+
+    def _on_reply(
+        self, frame: spec.Basic.Deliver, props: spec.Basic.Properties, body: bytes
+    ) -> None:
+        cid = props.correlation_id
+        entry = self._rpc.take(cid) if cid is not None else None
+        if entry is None:
+            self.stats["rpc_unknown_replies"] += 1
+            self._log_once(
+                "unknown",
+                "broker %s: a reply with correlation id %r answers no pending RPC request "
+                "(it expired, or was evicted); counted as rpc_unknown_replies",
+                self.name,
+                cid,
+            )
+            return
+        self.stats["rpc_replies"] += 1
+        msg = decode_message(entry.reply_to, props, body)
+        msg.correlation_id = entry.correlation_id
+        routed = False
+        for replies in self._reply_sources:
+            if not replies.wants(msg.topic):
+                continue
+            routed = True
+            if not replies.offer(msg):
+                self.stats["rpc_overflow_replies"] += 1
+                self._log_once(
+                    f"overflow:{replies.sub.route}",
+                    "route %s: %d replies already waiting (max_in_flight); a reply for %r is "
+                    "dropped and counted as rpc_overflow_replies",
+                    replies.sub.route,
+                    replies.limit,
+                    msg.topic,
+                )
+        if not routed:
+            self.stats["rpc_unrouted_replies"] += 1
+            self._log_once(
+                "unrouted",
+                "broker %s: no route with replies: true matches the reply topic %r; "
+                "counted as rpc_unrouted_replies",
+                self.name,
+                msg.topic,
+            )

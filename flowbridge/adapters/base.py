@@ -157,6 +157,23 @@ class Adapter(abc.ABC):
         """Likewise for a route target."""
         return None
 
+    @classmethod
+    def reads_replies(cls, options: Options) -> bool:
+        """Whether a source with these options carries the replies to this broker's
+        request-reply targets (see ``replies_needed``)."""
+        return False
+
+    @classmethod
+    def replies_needed(cls, options: Options) -> str | None:
+        """For a target whose requests are answered through the adapter itself: the problem
+        to report at load time when no route of the same broker ``reads_replies`` (``{broker}``
+        stands for the broker's name); None for other targets."""
+        return None
+
+    def counters(self) -> dict[str, int]:
+        """The adapter's own event counters by name (a copy), for metrics and status."""
+        return {}
+
     @abc.abstractmethod
     async def connect(self) -> None:
         """Connect, retrying with exponential backoff as configured; raises ``ConnectError``

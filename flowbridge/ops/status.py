@@ -147,6 +147,7 @@ def status(bridge: Bridge, meter: RateMeter, *, stopping: bool = False) -> dict[
                 "ok": h.ok,
                 "reconnects": h.reconnects,
                 "detail": scrub(h.detail),
+                "counters": adapter.counters(),
             }
         )
     stats = bridge.stats()

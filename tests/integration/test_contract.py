@@ -611,6 +611,9 @@ class TestAmqp(AdapterContract):
     def source_options(self, *, quick_redelivery: bool = False) -> Options:
         return AmqpSourceOptions()
 
+    def refused_source(self) -> tuple[Options, str] | None:
+        return AmqpSourceOptions(replies=True), "no-ack"
+
     def make_native(self) -> Native:
         return AmqpNative(self.url, self.reply_topic())
 

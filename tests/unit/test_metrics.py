@@ -174,6 +174,22 @@ async def test_exposition_parses_and_uses_only_declared_labels(bridge: Bridge) -
             assert set(s.labels) <= {"route", "broker", "reason", "state", "le"}, s
 
 
+async def test_adapter_counters_are_broker_events(
+    bridge: Bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = bridge.adapters["other"]
+    counts = {"rpc_expired": 3, "rpc_requests": 7}
+    monkeypatch.setattr(other, "counters", lambda: dict(counts))
+    reg = build_registry(bridge, process=False)
+    assert value(reg, "flowbridge_broker_events_total", broker="other", event="rpc_expired") == 3
+    counts["rpc_expired"] = 4  # read at scrape time
+    assert value(reg, "flowbridge_broker_events_total", broker="other", event="rpc_expired") == 4
+    assert reg.get_sample_value("flowbridge_broker_events_total", {"broker": "core"}) is None
+    doc = status(bridge, RateMeter())
+    assert next(b for b in doc["brokers"] if b["name"] == "other")["counters"] == counts
+    assert next(b for b in doc["brokers"] if b["name"] == "core")["counters"] == {}
+
+
 def test_public_url_and_scrub_hide_secrets() -> None:
     assert public_url("amqp://guest:pw@h:5672/vh") == "amqp://guest:***@h:5672/vh"
     assert public_url("nats://s3cr3t@h:4222") == "nats://***@h:4222"
