@@ -164,6 +164,7 @@ def _fb(b: Brokers, route: str, *, durable: bool) -> str:
         routes:
           - name: bench
             delivery: {"at-least-once" if durable else "at-most-once"}
+            max_in_flight: {4000 if durable else 1000}
         """
     ) + textwrap.indent(textwrap.dedent(route), "    ")
 

@@ -60,10 +60,20 @@ def subject_problem(subject: str, *, publish: bool) -> str | None:
     return None
 
 
+_SECOND: list[tuple[int, str]] = [(-1, "")]  # the last second formatted, and its text
+
+
 def format_timestamp(ts: float) -> str:
-    """POSIX seconds as ISO 8601 UTC with milliseconds and ``Z``."""
-    dt = datetime.fromtimestamp(ts, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    """POSIX seconds as ISO 8601 UTC with milliseconds and ``Z``.
+
+    Messages of a burst share their second: its text is formatted once (datetime formatting
+    per message was a fifth of a Kafka -> NATS route's CPU)."""
+    sec, ms = divmod(round(ts * 1000), 1000)
+    last, text = _SECOND[0]
+    if sec != last:
+        text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _SECOND[0] = (sec, text)
+    return f"{text}{ms:03d}Z"
 
 
 def parse_timestamp(text: str) -> float | None:
@@ -129,15 +139,34 @@ def encode_headers(msg: Message, extra: Headers | None = None) -> bytes | None:
     if msg.message_id is not None:
         _line(block, MSG_ID, msg.message_id)
     if msg.timestamp is not None:
-        _line(block, TIMESTAMP, format_timestamp(msg.timestamp))
+        # Not through the line cache: nearly every message has a timestamp of its own.
+        block += b"Timestamp: %s\r\n" % format_timestamp(msg.timestamp).encode()
     if extra:
         for name, value in extra:
             _line(block, name, value)
     if headers:
-        for name, value in headers:
-            _line(block, name, value)
+        block += _lines(headers)
     block += CRLF
     return bytes(block)
+
+
+_LISTS: dict[int, tuple[Headers, bytes]] = {}
+
+
+def _lines(headers: Headers) -> bytes:
+    # A header list shared by many messages (a route's, per topic) is encoded once; the
+    # entry holds the list, so its id cannot be reused while cached.
+    cached = _LISTS.get(id(headers))
+    if cached is not None and cached[0] is headers:
+        return cached[1]
+    block = bytearray()
+    for name, value in headers:
+        _line(block, name, value)
+    if len(_LISTS) >= _LINES_MAX:
+        _LISTS.clear()
+    encoded = bytes(block)
+    _LISTS[id(headers)] = (headers, encoded)
+    return encoded
 
 
 def status_of(raw: bytes) -> tuple[int, str] | None:

@@ -70,7 +70,7 @@ class KafkaBrokerOptions(SecuredOptions):
     metadata_max_age_ms: int = Field(default=300_000, ge=100)
     request_timeout_ms: int = Field(default=30_000, ge=100)
     max_request_size: int = Field(default=1_048_576, ge=1024)
-    linger_ms: int = Field(default=5, ge=0)
+    linger_ms: int = Field(default=0, ge=0)
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     commit_interval_ms: int = Field(default=100, ge=1)
     # aiokafka's defaults (16 KiB batches, 500 ms fetch wait) cost 10 KB messages a batch each
