@@ -631,20 +631,31 @@ class Parser:
                         if j < end and buf[j] == 0:
                             props = {}
                             j += 1  # no properties: the common case, skip the reader
-                        elif (
-                            j + 2 < end
-                            and buf[j] == 2
-                            and buf[j + 1] == SUBSCRIPTION_ID
-                            and buf[j + 2] < 0x80
-                        ):
-                            # Only a one-byte subscription identifier: what a broker adds to
-                            # every message for a client that numbers its subscriptions.
-                            props = {SUBSCRIPTION_ID: [buf[j + 2]]}
-                            j += 3
                         else:
-                            r = _Reader(buf, j, end)
-                            props = r.props()
-                            j = r.pos
+                            # Only a subscription identifier: what a broker adds to every
+                            # message for a client that numbers its subscriptions.
+                            sub_id = 0
+                            plen = buf[j] if j + 2 < end else 0
+                            if 2 <= plen <= 5 and buf[j + 1] == SUBSCRIPTION_ID:
+                                stop = j + 1 + plen
+                                k = j + 2
+                                shift = 0
+                                while k < stop and k < end:
+                                    b = buf[k]
+                                    sub_id |= (b & 0x7F) << shift
+                                    k += 1
+                                    if not b & 0x80:
+                                        break
+                                    shift += 7
+                                if k != stop or buf[k - 1] & 0x80:
+                                    sub_id = 0  # not that alone: the full reader decides
+                            if sub_id:
+                                props = {SUBSCRIPTION_ID: [sub_id]}
+                                j += 1 + plen
+                            else:
+                                r = _Reader(buf, j, end)
+                                props = r.props()
+                                j = r.pos
                     out.append(
                         Publish(
                             topic,

@@ -127,6 +127,7 @@ class _Route:
         self.wake = asyncio.Event()
         self.active = False  # subscribed in the broker's current session
         self.error: Exception | None = None
+        self.alone = [self]  # the targets of a message for this route only (never changed)
 
     def ack(self, token: Any) -> None:
         self.unacked -= 1
@@ -527,6 +528,9 @@ class MqttAdapter(Adapter):
         if props:
             sids = props.get(w.SUBSCRIPTION_ID)
             if sids and not self._shared_filters:
+                if len(sids) == 1:
+                    route = routes.get(sids[0])
+                    return route.alone if route is not None else []
                 return [routes[s] for s in sids if s in routes]
         # Without identifiers (3.1.1), or when routes share a filter: a session holds one
         # subscription per filter, so the broker names only the route that subscribed last.

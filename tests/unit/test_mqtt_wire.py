@@ -116,6 +116,29 @@ def test_round_trip_v5(packet: w.Packet) -> None:
     assert w.Parser(w.V5).feed(data) == [packet]
 
 
+@pytest.mark.parametrize("sub_id", [1, 127, 128, 16_383, 16_384, 2_097_152, 268_435_455])
+@pytest.mark.parametrize("more", [False, True])
+def test_publish_subscription_id_any_length(sub_id: int, more: bool) -> None:
+    """A subscription identifier of any length, alone or with other properties, decodes the
+    same (the parser has a short cut for it alone)."""
+    props: w.Props = {w.SUBSCRIPTION_ID: [sub_id]}
+    if more:
+        props[w.CONTENT_TYPE] = "text/plain"
+    pkt = w.Publish("a/b", b"body", 1, False, False, 5, props)
+    data = w.encode(pkt, w.V5)
+    assert w.Parser(w.V5).feed(data) == [pkt]
+    parser = w.Parser(w.V5)
+    assert [p for i in range(len(data)) for p in parser.feed(data[i : i + 1])] == [pkt]
+
+
+def test_publish_subscription_id_overrunning_its_properties_is_malformed() -> None:
+    # Property length 2 (id byte + one varint byte) but the varint says "more follows".
+    body = b"\x00\x03a/b" + b"\x02\x0b\x81\x01" + b"x"
+    data = bytes([0x30, len(body)]) + body
+    with pytest.raises(w.MalformedPacket):
+        w.Parser(w.V5).feed(data)
+
+
 @pytest.mark.parametrize("packet", PACKETS_311, ids=lambda p: type(p).__name__)
 def test_round_trip_v311(packet: w.Packet) -> None:
     data = w.encode(packet, w.V311)
