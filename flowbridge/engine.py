@@ -207,7 +207,7 @@ class RouteRunner:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bridge.connected(self.route)
         log.info("%s", self.describe())
-        batches = self.source.subscribe(self.route.subscription())
+        batches = self.source.subscribe(self.route.subscription(self.stats.dropped))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:

@@ -14,6 +14,7 @@ the acks as they come back (bounded window), so one slow ack never serialises a 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -44,6 +45,7 @@ from flowbridge.security import SecuredOptions, describe, redact_url, security_o
 Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
 MAX_PULL_BATCH = 512
+DROP_REASON = "source buffer full"  # a route's dropped{reason}: at-most-once intake overflowed
 _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
@@ -125,6 +127,7 @@ class _Batch:
         "adapter",
         "closed",
         "dropped",
+        "drops",
         "event",
         "items",
         "max_bytes",
@@ -134,7 +137,14 @@ class _Batch:
         "warned",
     )
 
-    def __init__(self, adapter: NatsAdapter, route: str, max_msgs: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        adapter: NatsAdapter,
+        route: str,
+        max_msgs: int,
+        max_bytes: int,
+        drops: collections.Counter[str] | None = None,
+    ) -> None:
         self.adapter = adapter
         self.route = route
         self.items: list[Delivery] = []
@@ -144,13 +154,18 @@ class _Batch:
         self.event = asyncio.Event()
         self.closed = False
         self.dropped = 0
+        self.drops = drops  # the route's dropped counters
         self.warned = False
 
-    def full(self, size: int) -> bool:
+    def full(self, size: int, *, lost: bool = True) -> bool:
+        """Whether a message of ``size`` bytes finds no room; counts it when not.  ``lost``:
+        nobody will deliver it again (core NATS, JetStream without acks)."""
         if len(self.items) < self.max_msgs and self.nbytes + size <= self.max_bytes:
             return False
         self.dropped += 1
         self.adapter.stats["dropped_slow_consumer"] += 1
+        if lost and self.drops is not None:
+            self.drops[DROP_REASON] += 1
         if not self.warned:  # once per burst: the flag resets when the route catches up
             self.warned = True
             self.adapter.log.warning(
@@ -290,7 +305,7 @@ class _PullConsumer:
         batch = self.batch
         # Cannot overflow while the server honours max_ack_pending; if it ever does, the
         # message is counted and JetStream redelivers it after ack_wait.
-        if batch.full(len(data)):
+        if batch.full(len(data), lost=not self.explicit_ack):
             return
         batch.items.append(delivery)
         batch.nbytes += len(data)
@@ -726,7 +741,7 @@ class NatsAdapter(Adapter):
         )
         js = opts.jetstream
         limit = self.opts.max_pending_msgs if js is None else max(sub.max_in_flight, 1)
-        batch = _Batch(self, sub.route, limit, self.opts.max_pending_bytes)
+        batch = _Batch(self, sub.route, limit, self.opts.max_pending_bytes, sub.drops)
         self._batches.append(batch)
         specs: list[_SubSpec] = []
         consumers: list[_PullConsumer] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -349,8 +350,10 @@ async def test_queue_group_shares_with_native_member(
 async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique: str) -> None:
     subject = f"slow.{unique}"
     a = await make_adapter(nats_url, max_pending_msgs=10)
+    drops: collections.Counter[str] = collections.Counter()
     try:
-        it, _ = await started(a, Subscription("r", (subject,), durable=False), nc, subject)
+        sub = Subscription("r", (subject,), durable=False, drops=drops)
+        it, _ = await started(a, sub, nc, subject)
         before = a.stats["dropped_slow_consumer"]
         for i in range(100):
             await nc.publish(subject, b"%d" % i)
@@ -363,6 +366,7 @@ async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique
         batch = await anext(it)
         assert [d.message.payload for d in batch] == [b"%d" % i for i in range(10)]
         assert a.stats["dropped_slow_consumer"] - before == 90
+        assert drops == {"source buffer full": 90}  # the route's own counters see each one
         # After the route caught up, delivery resumes.
         await nc.publish(subject, b"after")
         assert [d.message.payload for d in await collect(it, 1)] == [b"after"]
