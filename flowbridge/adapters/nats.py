@@ -134,6 +134,7 @@ class _Batch:
         "max_msgs",
         "nbytes",
         "route",
+        "taken",
         "warned",
     )
 
@@ -155,6 +156,7 @@ class _Batch:
         self.closed = False
         self.dropped = 0
         self.drops = drops  # the route's dropped counters
+        self.taken: list[asyncio.Event] = []  # set when the route takes the buffer
         self.warned = False
 
     def full(self, size: int, *, lost: bool = True) -> bool:
@@ -194,6 +196,8 @@ class _Batch:
         items = self.items
         self.items = []
         self.nbytes = 0
+        for event in self.taken:
+            event.set()
         if self.warned:
             self.warned = False
             self.adapter.log.warning(
@@ -371,7 +375,11 @@ class _PullConsumer:
             now = time.monotonic()
             if self.outstanding > 0 and now >= self.deadline:
                 self.outstanding = 0  # the request was lost (server restart)
-            budget = self.max_in_flight - self.unacked
+            # Without acks nothing else holds a pull back: messages not yet taken by the
+            # route count too, so a slow route makes JetStream keep them instead of the
+            # buffer dropping them.
+            held = self.unacked if self.explicit_ack else len(self.batch.items)
+            budget = self.max_in_flight - held
             if self.outstanding > 0 or budget <= 0:
                 self.wake.clear()
                 wait = self.deadline - now if self.outstanding > 0 else self.opts.expires
@@ -757,6 +765,8 @@ class NatsAdapter(Adapter):
                     await self._sub(nc, spec)
             else:
                 consumers = await self._consumers_for(sub, js, batch)
+                if not sub.durable:
+                    batch.taken = [c.wake for c in consumers]
                 for consumer in consumers:
                     spec = _SubSpec(nc.new_inbox(), "", consumer.on_msg)
                     consumer.inbox = spec.subject

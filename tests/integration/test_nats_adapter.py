@@ -500,6 +500,39 @@ async def test_jetstream_source_bounds_in_flight_and_multi_filter(
     assert sorted(seen, key=int) == [b"%d" % i for i in range(30)]  # not "other"
 
 
+async def test_jetstream_source_without_acks_pulls_only_what_the_route_takes(
+    adapter: NatsAdapter, nc: Client, stream: str, unique: str
+) -> None:
+    """At-most-once over JetStream: a route slower than the stream must leave the rest in the
+    stream, not have the bridge pull it and drop what overflows its buffer."""
+    subject = f"js.{unique}.amo"
+    for i in range(300):
+        await nc.publish(subject, b"%d" % i)
+    await nc.flush()
+    drops: collections.Counter[str] = collections.Counter()
+    sub = Subscription(
+        f"amo{unique}",
+        (subject,),
+        durable=False,
+        max_in_flight=50,
+        options=NatsSourceOptions(jetstream=JetStreamSource()),
+        drops=drops,
+    )
+    it = adapter.subscribe(sub)
+    seen = [d.message.payload for d in await anext(it)]
+    # The route holds its batch: the consumer may refill the buffer once, never more.
+    await asyncio.sleep(0.5)
+    assert adapter.stats["dropped_slow_consumer"] == 0
+    async with asyncio.timeout(5):
+        while len(seen) < 300:
+            batch = await anext(it)
+            assert len(batch) <= 50
+            seen.extend(d.message.payload for d in batch)
+    assert seen == [b"%d" % i for i in range(300)]
+    assert not drops
+    assert adapter.stats["dropped_slow_consumer"] == 0
+
+
 async def test_jetstream_source_survives_server_restart(unique: str) -> None:
     with NatsServer() as server:
         nc = await nats.connect(server.url)
