@@ -198,11 +198,17 @@ def chart(path: Path, rows: list[Row]) -> bool:
     return True
 
 
-def write(outdir: Path, meta: dict[str, Any], rows: list[Row]) -> dict[str, Path]:
+def write(
+    outdir: Path, meta: dict[str, Any], rows: list[Row], suites: dict[str, list[Row]] | None = None
+) -> dict[str, Path]:
+    from benchmarks import extra  # noqa: PLC0415
+
     outdir.mkdir(parents=True, exist_ok=True)
     paths = {"json": outdir / "results.json", "md": outdir / "results.md"}
-    paths["json"].write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    paths["md"].write_text(markdown(meta, rows))
+    paths["json"].write_text(
+        json.dumps({"meta": meta, "results": rows, **(suites or {})}, indent=1)
+    )
+    paths["md"].write_text(markdown(meta, rows) + extra.markdown(suites or {}))
     png = outdir / "results.png"
     if chart(png, rows):
         paths["png"] = png

@@ -749,7 +749,12 @@ QUICK_CASES = {
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the target cases, 100 B, ~1-2 min")
-    ap.add_argument("--only", action="append", default=[], help="run cases whose name contains")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="run cases (or the burst / scale-out suites) whose name contains",
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip mq-bridge")
     ap.add_argument("--count", type=int, help="messages per throughput run (100 B)")
     args = ap.parse_args(argv)
@@ -799,6 +804,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(plan, b, case, size=size, impl=impl, workdir=workdir)
                     results.append(r)
                     say(line(r))
+        from benchmarks import extra  # noqa: PLC0415  (imports this module)
+
+        suites = extra.run(plan, b, workdir)
     elapsed = time.monotonic() - started
     from benchmarks import report  # noqa: PLC0415
 
@@ -813,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         "counts": plan.counts,
         "latency": f"{plan.lat_count} messages at {LAT_RATE:.0f} msg/s",
     }
-    paths = report.write(RESULTS, meta, [asdict(r) for r in results])
+    paths = report.write(RESULTS, meta, [asdict(r) for r in results], suites)
     print()
     print(paths["md"].read_text())
     say(f"done in {elapsed:.0f} s: {', '.join(str(p) for p in paths.values())}")

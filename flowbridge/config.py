@@ -11,6 +11,7 @@ merge: their brokers and routes are unioned, and a name defined twice is an erro
 
 from __future__ import annotations
 
+import collections
 import difflib
 import os
 import re
@@ -200,7 +201,7 @@ class Route(_Frozen):
     def durable(self) -> bool:
         return self.delivery == AT_LEAST_ONCE
 
-    def subscription(self) -> Subscription:
+    def subscription(self, drops: collections.Counter[str] | None = None) -> Subscription:
         return Subscription(
             route=self.name,
             filters=self.source.subscriptions,
@@ -208,6 +209,7 @@ class Route(_Frozen):
             max_in_flight=self.max_in_flight,
             group=self.source.group,
             options=self.source.options,
+            drops=drops,
         )
 
 

@@ -216,7 +216,7 @@ class RouteRunner:
     async def run(self, stop: asyncio.Event) -> None:
         await self.bridge.connected(self.route)
         log.info("%s", self.describe())
-        batches = self.source.subscribe(self.route.subscription())
+        batches = self.source.subscribe(self.route.subscription(self.stats.dropped))
         # The batch is awaited directly (no task and wait per batch: small batches come
         # often); a stop interrupts only that wait, never a batch being forwarded.
         task = asyncio.current_task()

@@ -148,7 +148,8 @@ def families(snap: Snapshot) -> Iterator[Metric]:
     )
     dropped = CounterMetricFamily(
         "flowbridge_route_dropped",
-        "Messages given up (at-most-once target unreachable, dead-letter target refused)",
+        "Messages given up (an at-most-once source's intake buffer full, at-most-once "
+        "target unreachable, dead-letter target refused)",
         labels=["route", "reason"],
     )
     in_flight = GaugeMetricFamily(

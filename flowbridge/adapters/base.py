@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import enum
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -87,6 +88,9 @@ class Subscription:
     ``max_in_flight`` bounds the deliveries handed out and not yet acked (prefetch, MQTT
     receive maximum, fetch batch).  ``options`` are the route's source options for this
     protocol: an instance of the adapter's ``SourceOptions``, validated at load time.
+    ``drops`` is where a source counts, by reason, messages it received and had to discard
+    itself (an at-most-once buffer overflowing): the route's own ``dropped`` counters, so
+    every such loss shows in its metrics.
     """
 
     route: str
@@ -95,6 +99,7 @@ class Subscription:
     max_in_flight: int = 1000
     group: str | None = None
     options: Options = field(default_factory=Options)
+    drops: collections.Counter[str] | None = field(default=None, compare=False)
 
 
 class ConnState(enum.Enum):

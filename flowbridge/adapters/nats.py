@@ -14,6 +14,7 @@ the acks as they come back (bounded window), so one slow ack never serialises a 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -46,6 +47,7 @@ from flowbridge.security import SecuredOptions, describe, redact_url, security_o
 Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
 MAX_PULL_BATCH = 512
+DROP_REASON = "source buffer full"  # a route's dropped{reason}: at-most-once intake overflowed
 _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
@@ -232,16 +234,25 @@ class _Batch:
         "adapter",
         "closed",
         "dropped",
+        "drops",
         "event",
         "items",
         "max_bytes",
         "max_msgs",
         "nbytes",
         "route",
+        "taken",
         "warned",
     )
 
-    def __init__(self, adapter: NatsAdapter, route: str, max_msgs: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        adapter: NatsAdapter,
+        route: str,
+        max_msgs: int,
+        max_bytes: int,
+        drops: collections.Counter[str] | None = None,
+    ) -> None:
         self.adapter = adapter
         self.route = route
         self.items: list[Delivery] = []
@@ -251,13 +262,19 @@ class _Batch:
         self.event = asyncio.Event()
         self.closed = False
         self.dropped = 0
+        self.drops = drops  # the route's dropped counters
+        self.taken: list[asyncio.Event] = []  # set when the route takes the buffer
         self.warned = False
 
-    def full(self, size: int) -> bool:
+    def full(self, size: int, *, lost: bool = True) -> bool:
+        """Whether a message of ``size`` bytes finds no room; counts it when not.  ``lost``:
+        nobody will deliver it again (core NATS, JetStream without acks)."""
         if len(self.items) < self.max_msgs and self.nbytes + size <= self.max_bytes:
             return False
         self.dropped += 1
         self.adapter.stats["dropped_slow_consumer"] += 1
+        if lost and self.drops is not None:
+            self.drops[DROP_REASON] += 1
         if not self.warned:  # once per burst: the flag resets when the route catches up
             self.warned = True
             self.adapter.log.warning(
@@ -286,6 +303,8 @@ class _Batch:
         items = self.items
         self.items = []
         self.nbytes = 0
+        for event in self.taken:
+            event.set()
         if self.warned:
             self.warned = False
             self.adapter.log.warning(
@@ -397,7 +416,7 @@ class _PullConsumer:
         batch = self.batch
         # Cannot overflow while the server honours max_ack_pending; if it ever does, the
         # message is counted and JetStream redelivers it after ack_wait.
-        if batch.full(len(data)):
+        if batch.full(len(data), lost=not self.explicit_ack):
             return
         batch.items.append(delivery)
         batch.nbytes += len(data)
@@ -463,7 +482,11 @@ class _PullConsumer:
             now = time.monotonic()
             if self.outstanding > 0 and now >= self.deadline:
                 self.outstanding = 0  # the request was lost (server restart)
-            budget = self.max_in_flight - self.unacked
+            # Without acks nothing else holds a pull back: messages not yet taken by the
+            # route count too, so a slow route makes JetStream keep them instead of the
+            # buffer dropping them.
+            held = self.unacked if self.explicit_ack else len(self.batch.items)
+            budget = self.max_in_flight - held
             if self.outstanding > 0 or budget <= 0:
                 self.wake.clear()
                 wait = self.deadline - now if self.outstanding > 0 else self.opts.expires
@@ -836,7 +859,7 @@ class NatsAdapter(Adapter):
         )
         js = opts.jetstream
         limit = self.opts.max_pending_msgs if js is None else max(sub.max_in_flight, 1)
-        batch = _Batch(self, sub.route, limit, self.opts.max_pending_bytes)
+        batch = _Batch(self, sub.route, limit, self.opts.max_pending_bytes, sub.drops)
         self._batches.append(batch)
         specs: list[_SubSpec] = []
         consumers: list[_PullConsumer] = []
@@ -852,6 +875,8 @@ class NatsAdapter(Adapter):
                     await self._sub(nc, spec)
             else:
                 consumers = await self._consumers_for(sub, js, batch)
+                if not sub.durable:
+                    batch.taken = [c.wake for c in consumers]
                 for consumer in consumers:
                     spec = _SubSpec(nc.new_inbox(), "", consumer.on_msg)
                     consumer.inbox = spec.subject

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -392,8 +393,10 @@ async def test_queue_group_shares_with_native_member(
 async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique: str) -> None:
     subject = f"slow.{unique}"
     a = await make_adapter(nats_url, max_pending_msgs=10)
+    drops: collections.Counter[str] = collections.Counter()
     try:
-        it, _ = await started(a, Subscription("r", (subject,), durable=False), nc, subject)
+        sub = Subscription("r", (subject,), durable=False, drops=drops)
+        it, _ = await started(a, sub, nc, subject)
         before = a.stats["dropped_slow_consumer"]
         for i in range(100):
             await nc.publish(subject, b"%d" % i)
@@ -406,6 +409,7 @@ async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique
         batch = await anext(it)
         assert [d.message.payload for d in batch] == [b"%d" % i for i in range(10)]
         assert a.stats["dropped_slow_consumer"] - before == 90
+        assert drops == {"source buffer full": 90}  # the route's own counters see each one
         # After the route caught up, delivery resumes.
         await nc.publish(subject, b"after")
         assert [d.message.payload for d in await collect(it, 1)] == [b"after"]
@@ -537,6 +541,39 @@ async def test_jetstream_source_bounds_in_flight_and_multi_filter(
                 break
             batch = await anext(it)
     assert sorted(seen, key=int) == [b"%d" % i for i in range(30)]  # not "other"
+
+
+async def test_jetstream_source_without_acks_pulls_only_what_the_route_takes(
+    adapter: NatsAdapter, nc: Client, stream: str, unique: str
+) -> None:
+    """At-most-once over JetStream: a route slower than the stream must leave the rest in the
+    stream, not have the bridge pull it and drop what overflows its buffer."""
+    subject = f"js.{unique}.amo"
+    for i in range(300):
+        await nc.publish(subject, b"%d" % i)
+    await nc.flush()
+    drops: collections.Counter[str] = collections.Counter()
+    sub = Subscription(
+        f"amo{unique}",
+        (subject,),
+        durable=False,
+        max_in_flight=50,
+        options=NatsSourceOptions(jetstream=JetStreamSource()),
+        drops=drops,
+    )
+    it = adapter.subscribe(sub)
+    seen = [d.message.payload for d in await anext(it)]
+    # The route holds its batch: the consumer may refill the buffer once, never more.
+    await asyncio.sleep(0.5)
+    assert adapter.stats["dropped_slow_consumer"] == 0
+    async with asyncio.timeout(5):
+        while len(seen) < 300:
+            batch = await anext(it)
+            assert len(batch) <= 50
+            seen.extend(d.message.payload for d in batch)
+    assert seen == [b"%d" % i for i in range(300)]
+    assert not drops
+    assert adapter.stats["dropped_slow_consumer"] == 0
 
 
 async def test_jetstream_source_survives_server_restart(unique: str) -> None:
