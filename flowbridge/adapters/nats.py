@@ -53,6 +53,7 @@ _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
 _MSG_OPS = (b"MSG ", b"HMSG ")
 _HDR_CACHE_MAX = 4096
+_MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
 MAX_CONTROL_LINE_SIZE = 1 << 20  # a line without its CRLF beyond this is no NATS protocol
 
 
@@ -65,8 +66,9 @@ class NatsBrokerOptions(SecuredOptions):
     max_outstanding_pings: int = Field(default=2, ge=1)
     # Core source buffer between the socket and the route: beyond it messages are dropped
     # and counted (core NATS has no flow control; the server would cut us off instead).
+    # Bytes count each message's objects too (~400 B), so 16 MiB hold ~30k small messages.
     max_pending_msgs: int = Field(default=65536, ge=1)
-    max_pending_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_pending_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     # Outbound bytes nats-py may hold before a publish waits for the socket.
     outbound_buffer: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     js_timeout: float = Field(default=5.0, gt=0)  # JetStream API calls and publish acks
@@ -286,7 +288,9 @@ class _Batch:
 
     def core_msg(self, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
         items = self.items
-        size = len(data)
+        # What the message costs in memory, not only its payload: the Python objects of a
+        # small message weigh more than its bytes.
+        size = len(data) + len(subject) + _MSG_OVERHEAD
         if (len(items) >= self.max_msgs or self.nbytes + size > self.max_bytes) and self.full(size):
             return
         msg = Message(subject.decode("utf-8", "surrogateescape"), data)

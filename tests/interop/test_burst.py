@@ -302,7 +302,8 @@ AMO_WINDOW = 2  # the route's ceiling: 1,000 msg/s
 # a slow consumer, a loss only the server could count (the reconnect check catches it).
 AMO_BURST_RATE = 50_000
 # RSS may grow by at most this over its steady-state value.  What bounds it in the code: the
-# core NATS intake buffer (max_pending_bytes, 1 MiB here: ~1,000 messages of 1 KiB) plus the
+# core NATS intake buffer (max_pending_bytes, 1 MiB here: ~700 messages of 1 KiB with their
+# objects) plus the
 # batch the route took from it before (as large again), each message with a few hundred bytes
 # of Message/Delivery objects, plus the read buffers: about 5 MiB measured.  The rest is
 # margin for the allocator.  A bridge holding the burst grows by over 150 MiB (measured with
