@@ -32,11 +32,19 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "-" if not a or not b else f"{a / b:.2f}"
 
 
+def cpu_per_msg(r: Row) -> float | None:
+    """Bridge CPU time per message forwarded (us): what the bridge itself costs, readable
+    even on a machine whose other processes share its cores."""
+    if r.get("cpu_pct") is None or not r.get("msgs_per_s"):
+        return None
+    return float(r["cpu_pct"]) * 1e4 / float(r["msgs_per_s"])
+
+
 def table(rows: list[Row]) -> str:
     head = (
         "| direction | delivery | size | impl | msg/s | MB/s | delivered | dups | "
-        "lat p50 / p99 / p99.9 (us) | added p50 / p99 (us) | bridge CPU | peak RSS | "
-        "flowbridge / mq-bridge |\n|" + "---|" * 13
+        "lat p50 / p99 / p99.9 (us) | added p50 / p99 (us) | bridge CPU | CPU us/msg | "
+        "peak RSS | flowbridge / mq-bridge |\n|" + "---|" * 14
     )
     out = [head]
     for r in rows:
@@ -45,7 +53,7 @@ def table(rows: list[Row]) -> str:
             err = r["error"].splitlines()[0][:120].replace("|", "/")
             out.append(
                 f"| {r['case']} | {r['mode']} | {_size(r['size'])} | {r['impl']} | "
-                f"ERROR: {err} |||||||||"
+                f"ERROR: {err} ||||||||||"
             )
             continue
         base = _find(rows, key, "direct")
@@ -57,12 +65,16 @@ def table(rows: list[Row]) -> str:
             peer = _find(rows, key, "mq-bridge")
             if peer:
                 ratio = f"{_ratio(r['msgs_per_s'], peer['msgs_per_s'])}x rate"
+                mine, theirs = cpu_per_msg(r), cpu_per_msg(peer)
+                if mine and theirs:
+                    ratio += f", {_ratio(mine, theirs)}x CPU/msg"
         lat = f"{_f(r['p50_us'])} / {_f(r['p99_us'])} / {_f(r['p999_us'])}"
         out.append(
             f"| {r['case']} | {r['mode']} | {_size(r['size'])} | {r['impl']} | "
             f"{_f(r['msgs_per_s'])} | {_f(r['mb_per_s'], '.1f')} | "
             f"{_f(r['delivered_pct'], '.2f')}% | {r['dups']} | {lat} | {added} | "
             f"{_f(r['cpu_pct'])}{'%' if r['cpu_pct'] is not None else ''} | "
+            f"{_f(cpu_per_msg(r), '.1f')} | "
             f"{_f(r['rss_mb'], '.0f')}{' MB' if r['rss_mb'] else ''} | {ratio} |"
         )
     return "\n".join(out)
@@ -152,9 +164,9 @@ def markdown(meta: dict[str, Any], rows: list[Row]) -> str:
         "## Targets\n\n" + targets(rows) + "\n\n## All cases\n\n"
         "`direct` is the same publisher and subscriber on the source broker with no bridge; "
         "`added` is the bridge's latency minus direct. CPU is the bridge process over the "
-        "throughput window (100% = one core); RSS is its peak (VmHWM).\n\n"
-        + table(rows)
-        + "\n\n## Load generator ceilings\n\n"
+        "throughput window (100% = one core), and per message forwarded (CPU us/msg: what the "
+        "bridge costs, comparable even when other processes share the cores); RSS is its "
+        "peak (VmHWM).\n\n" + table(rows) + "\n\n## Load generator ceilings\n\n"
         "The publisher's send rate in the direct run (a Kafka source is pre-filled, so it has "
         "none) and what one subscriber takes directly: bridged rates below these are the "
         "bridge's, not the generators'.\n\n" + "\n".join(gen) + "\n"

@@ -726,6 +726,12 @@ def _fmt(v: float | None, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _us_per_msg(r: Result) -> float | None:
+    if r.cpu_pct is None or not r.msgs_per_s:
+        return None
+    return r.cpu_pct * 1e4 / r.msgs_per_s
+
+
 def line(r: Result) -> str:
     if r.error:
         return f"    {r.impl:<10} ERROR {r.error.splitlines()[0][:160]}"
@@ -733,7 +739,8 @@ def line(r: Result) -> str:
         f"    {r.impl:<10} {_fmt(r.msgs_per_s):>8} msg/s {_fmt(r.mb_per_s, '.1f'):>6} MB/s "
         f"delivered {_fmt(r.delivered_pct, '.2f')}% dups {r.dups}  "
         f"lat p50/p99/p99.9 {_fmt(r.p50_us)}/{_fmt(r.p99_us)}/{_fmt(r.p999_us)} us  "
-        f"cpu {_fmt(r.cpu_pct)}% rss {_fmt(r.rss_mb, '.1f')} MB  "
+        f"cpu {_fmt(r.cpu_pct)}% ({_fmt(_us_per_msg(r), '.1f')} us/msg) "
+        f"rss {_fmt(r.rss_mb, '.1f')} MB  "
         f"(pub {_fmt(r.pub_rate)} msg/s)"
     )
 
