@@ -639,6 +639,9 @@ class KafkaAdapter(Adapter):
         self._state = ConnState.CLOSED
         self._detail = "closed"
 
+    def counters(self) -> dict[str, int]:
+        return {"unconfirmed_failures": self.unconfirmed_failures}
+
     def health(self) -> Health:
         return Health(
             self._state,

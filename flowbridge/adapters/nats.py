@@ -831,6 +831,9 @@ class NatsAdapter(Adapter):
         self._state = ConnState.CLOSED
         self._mark_lost()
 
+    def counters(self) -> dict[str, int]:
+        return dict(self.stats)
+
     def health(self) -> Health:
         nc = self._nc
         state = self._state

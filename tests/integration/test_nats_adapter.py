@@ -410,6 +410,8 @@ async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique
         assert [d.message.payload for d in batch] == [b"%d" % i for i in range(10)]
         assert a.stats["dropped_slow_consumer"] - before == 90
         assert drops == {"source buffer full": 90}  # the route's own counters see each one
+        # ... and the broker's events (flowbridge_broker_events_total) as well.
+        assert a.counters()["dropped_slow_consumer"] - before == 90
         # After the route caught up, delivery resumes.
         await nc.publish(subject, b"after")
         assert [d.message.payload for d in await collect(it, 1)] == [b"after"]
