@@ -527,6 +527,27 @@ class _JsBatch:
 _PENDING = object()
 
 
+async def _write_now(nc: _Client) -> None:
+    """Hand what is pending to the socket now, as nats-py's flusher task would a loop turn
+    later (a batch of one message otherwise waits for that task to be scheduled); waits only
+    while the socket's buffer is over its limit."""
+    transport = nc._transport
+    if not nc.is_connected or transport is None:
+        await nc._flush_pending()
+        return
+    if nc._pending_data_size:
+        pending = nc._pending
+        nc._pending = []
+        nc._pending_data_size = 0
+        try:
+            transport.writelines(pending)
+            await transport.drain()  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            # As the flusher would: the client reconnects, and the caller sees the epoch move.
+            await nc._error_cb(exc)
+            await nc._process_op_err(exc)
+
+
 def _frames(out: bytearray) -> bytes:
     # nats-py only hands its pending list to writelines(), which takes any buffer: passing
     # the block itself saves a copy of every payload.
@@ -1105,7 +1126,7 @@ class NatsAdapter(Adapter):
                 out = bytearray()
         if out:
             await nc._send_command(_frames(out))
-        await nc._flush_pending()
+        await _write_now(nc)
         if self._epoch != epoch or not nc.is_connected:
             # Written into a connection that went away: nothing is known to have arrived.
             raise PublishError(
@@ -1252,7 +1273,7 @@ class NatsAdapter(Adapter):
         """Write ``out`` and wait until ``target`` acks are in (or time runs out)."""
         if out:
             await nc._send_command(_frames(out))
-            await nc._flush_pending()
+            await _write_now(nc)
         lost = self._lost
         if state.acked < target:
             state.target = target
