@@ -149,7 +149,10 @@ class Case:
     peer_setup: list[Callable[[], None]] = field(default_factory=list)
 
 
-def _fb(b: Brokers, route: str, *, durable: bool) -> str:
+def _fb(b: Brokers, route: str, *, durable: bool, size: int) -> str:
+    # At-least-once, the unacked window is what a route carries per round trip: 4,000 small
+    # messages, 1,000 large ones (10 MB either way).
+    window = (4000 if size < 1000 else 1000) if durable else 1000
     client = f"fb-{uuid.uuid4().hex[:8]}"
     return textwrap.dedent(
         f"""\
@@ -164,7 +167,7 @@ def _fb(b: Brokers, route: str, *, durable: bool) -> str:
         routes:
           - name: bench
             delivery: {"at-least-once" if durable else "at-most-once"}
-            max_in_flight: {4000 if durable else 1000}
+            max_in_flight: {window}
         """
     ) + textwrap.indent(textwrap.dedent(route), "    ")
 
@@ -194,6 +197,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                     to: {{broker: nats}}
                     """,
                     durable=durable,
+                    size=size,
                 ),
                 {
                     "input": {"mqtt": {**mqtt_in, "topic": f"bench/{t}", "qos": qos}},
@@ -216,6 +220,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                 to: {{broker: mqtt, options: {{qos: 0}}}}
                 """,
                 durable=False,
+                size=size,
             ),
             {
                 "input": {
@@ -245,6 +250,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                 to: {{broker: nats, topic: "out.{{2}}.{{3}}"}}
                 """,
                 durable=False,
+                size=size,
             ),
             {
                 "input": {
@@ -275,6 +281,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                 to: {{broker: kafka}}
                 """,
                 durable=False,
+                size=size,
             ),
             {
                 "input": {
@@ -308,6 +315,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                 to: {{broker: kafka, topic: "bench.{t}"}}
                 """,
                 durable=True,
+                size=size,
             ),
             {
                 "input": {"nats": {"url": b.nats, "subject": f"js{t}.>", "stream": f"js{t}"}},
@@ -354,6 +362,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                     to: {target}
                     """,
                     durable=durable,
+                    size=size,
                 ),
                 {
                     "input": {
@@ -388,6 +397,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                     to: {{broker: amqp}}
                     """,
                     durable=durable,
+                    size=size,
                 ),
                 {
                     "input": {"mqtt": {**mqtt_in, "topic": f"bench/{t}", "qos": qos}},
@@ -421,6 +431,7 @@ def cases(b: Brokers, size: int) -> list[Case]:
                     to: {{broker: kafka}}
                     """,
                     durable=durable,
+                    size=size,
                 ),
                 {
                     "input": {

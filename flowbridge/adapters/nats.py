@@ -6,7 +6,7 @@ or task per subscription) and publishes are written as whole PUB/HPUB frame bloc
 also how repeated header names survive, which nats-py's dict headers cannot carry.
 
 JetStream sources are durable pull consumers driven by our own pull requests (batch at most
-512, never more than ``max_in_flight`` unacked); acks are queued and written in bursts.
+2,048, never more than ``max_in_flight`` unacked); acks are queued and written in bursts.
 JetStream targets publish every message of a batch with its own reply subject and collect
 the acks as they come back (bounded window), so one slow ack never serialises a batch.
 """
@@ -46,7 +46,7 @@ from flowbridge.security import SecuredOptions, describe, redact_url, security_o
 
 Handler = Callable[[bytes, bytes, bytes, bytes | None], None]
 
-MAX_PULL_BATCH = 512
+MAX_PULL_BATCH = 2048
 DROP_REASON = "source buffer full"  # a route's dropped{reason}: at-most-once intake overflowed
 _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
