@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amqtt.broker import Broker
-
 from flowbridge.errors import FlowbridgeError
 
 log = logging.getLogger("flowbridge.embedded")
@@ -65,6 +63,15 @@ def nats_server_binary() -> str:
             if located.is_file():
                 return str(located)
     raise FlowbridgeError(f"nats-server not found for the embedded brokers: {_INSTALL_HINT}")
+
+
+def _amqtt_broker() -> Any:
+    """amqtt's Broker class: only the embedded default needs it (the ``embedded`` extra)."""
+    try:
+        from amqtt.broker import Broker  # noqa: PLC0415
+    except ImportError as exc:
+        raise FlowbridgeError(f"amqtt not found for the embedded brokers: {_INSTALL_HINT}") from exc
+    return Broker
 
 
 def _client_host(host: str) -> str:
@@ -208,7 +215,7 @@ def _amqtt_config(host: str, port: int) -> dict[str, Any]:
 
 async def _start_amqtt(host: str, port: int) -> Any:
     _quiet_amqtt()
-    broker = Broker(_amqtt_config(host, port))
+    broker = _amqtt_broker()(_amqtt_config(host, port))
     try:
         await broker.start()
     except Exception as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 import nats
 import paho.mqtt.client as mqtt
 import pytest
+from amqtt.broker import Broker
 from paho.mqtt.enums import CallbackAPIVersion
 
 from flowbridge import embedded
@@ -238,13 +239,13 @@ async def test_mqtt_listener_closed_when_cancelled_inside_broker_start(
     """Cancelled after amqtt opened its listener but before start() returned."""
     listener_open = asyncio.Event()
 
-    class SlowStart(embedded.Broker):  # type: ignore[misc]
+    class SlowStart(Broker):  # type: ignore[misc]
         async def start(self) -> None:
             await super().start()
             listener_open.set()
             await asyncio.sleep(0.3)
 
-    monkeypatch.setattr(embedded, "Broker", SlowStart)
+    monkeypatch.setattr(embedded, "_amqtt_broker", lambda: SlowStart)
     nats_port, mqtt_port = free_port(), free_port()
 
     async def serve() -> None:
