@@ -30,6 +30,7 @@ from flowbridge.adapters.base import (
     Backoff,
     ConnState,
     Delivery,
+    Headers,
     Health,
     Message,
     Options,
@@ -170,6 +171,7 @@ class MqttAdapter(Adapter):
         self._order: deque[_Inbound] = deque()
         self._routes: dict[int, _Route] = {}
         self._match_cache: dict[str, list[_Route]] = {}
+        self._props_cache: dict[int, tuple[Headers, int | None, bytes]] = {}
         self._shared_filters = False  # two routes subscribe to the same filter
         self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
         self._orphans_dropped = 0
@@ -647,6 +649,28 @@ class MqttAdapter(Adapter):
     # ------------------------------------------------------------------ publishing
 
     def _props(self, msg: Message, expiry: int | None) -> bytes:
+        headers = msg.headers
+        if (
+            headers is not None
+            and msg.content_type is None
+            and msg.correlation_id is None
+            and msg.reply_to is None
+            and msg.message_id is None
+            and msg.timestamp is None
+        ):
+            # A topic's messages share the route's header list: encode it once.  The entry
+            # holds the list, so its id cannot be reused while cached.
+            cached = self._props_cache.get(id(headers))
+            if cached is not None and cached[0] is headers and cached[1] == expiry:
+                return cached[2]
+            encoded = self._encode_props(msg, expiry)
+            if len(self._props_cache) >= 4096:
+                self._props_cache.clear()
+            self._props_cache[id(headers)] = (headers, expiry, encoded)
+            return encoded
+        return self._encode_props(msg, expiry)
+
+    def _encode_props(self, msg: Message, expiry: int | None) -> bytes:
         props: w.Props = {}
         if msg.content_type is not None:
             props[w.CONTENT_TYPE] = msg.content_type

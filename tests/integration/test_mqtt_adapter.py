@@ -429,6 +429,29 @@ async def test_v5_properties_both_ways(mqtt_url: str, unique: str) -> None:
             ("z", "3"),
         ]
 
+        # One header list shared by several messages (as a route's per topic) is encoded
+        # once; what else a message carries, and the target's expiry, still come out.
+        shared = [("via", "x"), ("via", "y")]
+        batch = [
+            Message(f"{topic}/out", b"1", headers=shared),
+            Message(f"{topic}/out", b"2", headers=shared, message_id="m-2"),
+            Message(f"{topic}/out", b"3", headers=shared),
+        ]
+        assert await a.publish(batch, confirm=True) is None
+        expiring = MqttTargetOptions(message_expiry=60)
+        assert await a.publish(batch[2:], confirm=True, options=expiring) is None
+        got4 = await collect(peer, 4)
+        assert [g.payload for g in got4] == [b"1", b"2", b"3", b"3"]
+        users = [g.properties.UserProperty for g in got4]  # type: ignore[union-attr]
+        assert users == [shared, [("message-id", "m-2"), *shared], shared, shared]
+        assert [getattr(g.properties, "MessageExpiryInterval", None) for g in got4][:3] == [
+            None,
+            None,
+            None,
+        ]
+        assert 0 < got4[3].properties.MessageExpiryInterval <= 60  # type: ignore[union-attr]
+        assert shared == [("via", "x"), ("via", "y")]
+
 
 async def test_v5_no_local_never_echoes(mqtt_url: str, unique: str) -> None:
     topic = f"fbt/{unique}/echo"
