@@ -612,6 +612,7 @@ class Result:
     lat_samples: int = 0
     cpu_pct: float | None = None
     rss_mb: float | None = None
+    rates: list[float | None] = field(default_factory=list)  # every repeat's msg/s
 
 
 @dataclass
@@ -622,6 +623,16 @@ class Plan:
     sizes: tuple[int, ...]
     peer: bool
     only: list[str]
+    repeat: int = 1
+
+
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median rate (errors only when every run failed); every run's rate
+    is kept in ``rates``."""
+    ok = sorted((r for r in runs if not r.error), key=lambda r: r.msgs_per_s or 0.0)
+    chosen = ok[len(ok) // 2] if ok else runs[-1]
+    chosen.rates = [r.msgs_per_s for r in runs]
+    return chosen
 
 
 def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir: Path) -> Result:
@@ -775,6 +786,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-peer", action="store_true", help="skip mq-bridge")
     ap.add_argument("--count", type=int, help="messages per throughput run (100 B)")
+    ap.add_argument(
+        "--repeat", type=int, help="runs per bridge and case, median reported (quick: 3, else 1)"
+    )
     args = ap.parse_args(argv)
     plan = Plan(
         quick=args.quick,
@@ -783,6 +797,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes=(100,) if args.quick else (100, 10_240),
         peer=not args.no_peer,
         only=args.only,
+        repeat=max(1, args.repeat or (3 if args.quick else 1)),
     )
     peer_ok = ""
     if plan.peer:
@@ -816,12 +831,20 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(base)
                 say(line(base))
                 impls = ["flowbridge"] + (["mq-bridge"] if plan.peer and peer_ok else [])
+                impls = [i for i in impls if i != "mq-bridge" or case.peer is not None]
+                # Repeats alternate the bridges, so both see the same moments of a noisy
+                # machine; each reports its median run.
+                runs: dict[str, list[Result]] = {impl: [] for impl in impls}
+                for _ in range(plan.repeat):
+                    for impl in impls:
+                        r = measure(plan, b, case, size=size, impl=impl, workdir=workdir)
+                        runs[impl].append(r)
+                        say(line(r))
                 for impl in impls:
-                    if impl == "mq-bridge" and case.peer is None:
-                        continue
-                    r = measure(plan, b, case, size=size, impl=impl, workdir=workdir)
+                    r = median_run(runs[impl])
                     results.append(r)
-                    say(line(r))
+                    if plan.repeat > 1:
+                        say(f"    {impl} median of {plan.repeat}: {_fmt(r.msgs_per_s)} msg/s")
         from benchmarks import extra  # noqa: PLC0415  (imports this module)
 
         suites = extra.run(plan, b, workdir)
@@ -838,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": plan.quick,
         "counts": plan.counts,
         "latency": f"{plan.lat_count} messages at {LAT_RATE:.0f} msg/s",
+        "repeat": plan.repeat,
     }
     paths = report.write(RESULTS, meta, [asdict(r) for r in results], suites)
     print()

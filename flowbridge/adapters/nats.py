@@ -53,6 +53,7 @@ _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
 _MSG_OPS = (b"MSG ", b"HMSG ")
 _HDR_CACHE_MAX = 4096
+_BIG = 8192  # payloads from this size on are written as they are, not copied into a block
 _MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
 MAX_CONTROL_LINE_SIZE = 1 << 20  # a line without its CRLF beyond this is no NATS protocol
 
@@ -1089,6 +1090,12 @@ class NatsAdapter(Adapter):
                         out += head
                         out += str(hlen + len(payload)).encode()
                         out += block
+                        if len(payload) >= _BIG:
+                            # Handed to the socket as it is: no copy into the frame block.
+                            await nc._send_command(_frames(out))
+                            await nc._send_command(payload)
+                            out = bytearray(wire.CRLF)
+                            continue
                         out += payload
                         out += wire.CRLF
                         if len(out) >= _CHUNK:
