@@ -53,6 +53,7 @@ _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
 _MSG_OPS = (b"MSG ", b"HMSG ")
 _HDR_CACHE_MAX = 4096
+_WRITE_NOW_MAX = 64 * 1024  # see _write_now
 _BIG = 8192  # payloads from this size on are written as they are, not copied into a block
 _MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
 MAX_CONTROL_LINE_SIZE = 1 << 20  # a line without its CRLF beyond this is no NATS protocol
@@ -528,25 +529,45 @@ class _JsBatch:
 _PENDING = object()
 
 
-async def _write_now(nc: _Client) -> None:
-    """Hand what is pending to the socket now, as nats-py's flusher task would a loop turn
-    later (a batch of one message otherwise waits for that task to be scheduled); waits only
-    while the socket's buffer is over its limit."""
+def _queue(nc: _Client, *parts: bytes) -> None:
+    """Append parts to nats-py's pending writes with no await in between (``_send_command``
+    may yield to the flusher, which would then write half a frame)."""
+    nc._pending.extend(parts)
+    nc._pending_data_size += sum(len(p) for p in parts)
+
+
+async def _write_all(nc: _Client) -> bool:
+    """Hand every pending write to the transport now (it buffers what the socket does not
+    take).  nats-py writes PING straight to the transport: anything still pending would go
+    out after it, and its PONG would confirm frames the server has not seen."""
     transport = nc._transport
-    if not nc.is_connected or transport is None:
+    if not nc._pending_data_size or transport is None or not nc.is_connected:
+        return False
+    pending = nc._pending
+    nc._pending = []
+    nc._pending_data_size = 0
+    try:
+        transport.writelines(pending)
+    except OSError as exc:
+        # As the flusher would: the client reconnects, and the caller sees the epoch move.
+        await nc._error_cb(exc)
+        await nc._process_op_err(exc)
+    return True
+
+
+async def _write_now(nc: _Client) -> None:
+    """Hand a small write to the socket now, as nats-py's flusher task would a loop turn
+    later: a batch of one message otherwise waits for that task to be scheduled.  Larger
+    writes, or any while the socket is backed up, stay with the flusher, which gathers
+    them into fewer system calls while the route goes on with its next batch."""
+    writer = getattr(nc._transport, "_io_writer", None)
+    if (
+        writer is None
+        or not 0 < nc._pending_data_size <= _WRITE_NOW_MAX
+        or writer.transport.get_write_buffer_size()
+        or not await _write_all(nc)
+    ):
         await nc._flush_pending()
-        return
-    if nc._pending_data_size:
-        pending = nc._pending
-        nc._pending = []
-        nc._pending_data_size = 0
-        try:
-            transport.writelines(pending)
-            await transport.drain()  # type: ignore[no-untyped-call]
-        except OSError as exc:
-            # As the flusher would: the client reconnects, and the caller sees the epoch move.
-            await nc._error_cb(exc)
-            await nc._process_op_err(exc)
 
 
 def _frames(out: bytearray) -> bytes:
@@ -1091,10 +1112,12 @@ class NatsAdapter(Adapter):
                         out += str(hlen + len(payload)).encode()
                         out += block
                         if len(payload) >= _BIG:
-                            # Handed to the socket as it is: no copy into the frame block.
-                            await nc._send_command(_frames(out))
-                            await nc._send_command(payload)
-                            out = bytearray(wire.CRLF)
+                            # Handed to the socket as it is, no copy into the frame block;
+                            # all parts at once, so a write never ends inside a frame.
+                            _queue(nc, _frames(out), payload, wire.CRLF)
+                            out = bytearray()
+                            if nc._pending_data_size > nc._max_pending_size:
+                                await nc._flush_pending(force_flush=True)
                             continue
                         out += payload
                         out += wire.CRLF
@@ -1147,6 +1170,7 @@ class NatsAdapter(Adapter):
         """PING/PONG: the PONG proves the server processed everything written before."""
         lost = self._lost
         pong: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await _write_all(nc)  # the PING must follow every frame it confirms
         await nc._send_ping(pong)
         waiting: set[asyncio.Future[Any]] = {pong}
         if lost is not None:

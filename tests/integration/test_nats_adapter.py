@@ -261,6 +261,28 @@ async def test_shared_header_lists_are_framed_right(
     assert shared == [("X-Via", "b one"), ("X-Via", "b two")]  # never changed in place
 
 
+async def test_confirmed_large_batches_keep_frames_whole(
+    adapter: NatsAdapter, nc: Client, unique: str
+) -> None:
+    """Large payloads are written as they are (not copied into a frame block) and a confirm
+    PING follows every frame it confirms: the server never sees a PING inside a frame (it
+    would cut the connection) and nothing is confirmed before it was written."""
+    subject = f"big.{unique}"
+    sub = await nc.subscribe(subject, pending_msgs_limit=10_000, pending_bytes_limit=256 << 20)
+    await nc.flush()  # SUB processed before another connection publishes
+    shared = [("X-Route", "big")]
+    body = bytes(range(256)) * 40  # 10 KiB
+    n, per = 4000, 1000  # a batch over nats-py's 8 MiB pending limit: flushed in the middle
+    for start in range(0, n, per):
+        batch = [Message(subject, b"%06d" % i + body, shared) for i in range(start, start + per)]
+        assert await adapter.publish(batch, confirm=True) is None
+    got = [await sub.next_msg(timeout=5) for _ in range(n)]
+    assert [m.data[:6] for m in got] == [b"%06d" % i for i in range(n)]
+    assert all(m.data[6:] == body for m in got)
+    assert adapter.stats["reconnects"] == 0
+    assert adapter.health().ok
+
+
 async def test_publish_order_and_volume(adapter: NatsAdapter, nc: Client, unique: str) -> None:
     subject = f"core.{unique}.vol"
     sub = await nc.subscribe(subject, pending_msgs_limit=100_000)
