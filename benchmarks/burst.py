@@ -210,7 +210,7 @@ def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstRes
         before = bridge.route()
         # -- burst
         run = uuid.uuid4().hex[:8]
-        sub = Sub(gen("sub", dst, _url(b, dst), run, count, idle=3.0, first=40.0))
+        sub = Sub(gen("sub", dst, _url(b, dst), run, count, idle=15.0, first=40.0))
         try:
             pub = run_pub(gen("pub", src, _url(b, src), run, count, size=SIZE), 120)
             got = sub.result(300)
