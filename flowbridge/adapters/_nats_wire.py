@@ -13,7 +13,7 @@ import binascii
 import re
 from datetime import UTC, datetime
 
-from flowbridge.adapters.base import Headers, Message
+from flowbridge.adapters.base import Headers, Message, PerHeaders
 
 HDR_LINE = b"NATS/1.0\r\n"
 CRLF = b"\r\n"
@@ -150,22 +150,16 @@ def encode_headers(msg: Message, extra: Headers | None = None) -> bytes | None:
     return bytes(block)
 
 
-_LISTS: dict[int, tuple[Headers, bytes]] = {}
+_LISTS: PerHeaders[bytes] = PerHeaders(_LINES_MAX)
 
 
 def _lines(headers: Headers) -> bytes:
-    # A header list shared by many messages (a route's, per topic) is encoded once; the
-    # entry holds the list, so its id cannot be reused while cached.
-    cached = _LISTS.get(id(headers))
-    if cached is not None and cached[0] is headers:
-        return cached[1]
-    block = bytearray()
-    for name, value in headers:
-        _line(block, name, value)
-    if len(_LISTS) >= _LINES_MAX:
-        _LISTS.clear()
-    encoded = bytes(block)
-    _LISTS[id(headers)] = (headers, encoded)
+    encoded = _LISTS.get(headers)
+    if encoded is None:
+        block = bytearray()
+        for name, value in headers:
+            _line(block, name, value)
+        encoded = _LISTS.put(headers, bytes(block))
     return encoded
 
 

@@ -15,7 +15,7 @@ import enum
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,6 +23,30 @@ from flowbridge.errors import PublishError
 
 Headers = list[tuple[str, str]]
 """Free-form headers: ordered, names may repeat (all values are kept)."""
+
+V = TypeVar("V")
+
+
+class PerHeaders(Generic[V]):
+    """What an adapter derives from a header list that many messages share (a route gives
+    all messages of a topic one list), computed once per list.  Keyed by the list's identity;
+    an entry holds its list, so the id cannot be taken by another list while cached."""
+
+    __slots__ = ("_entries", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._entries: dict[int, tuple[Headers, V]] = {}
+        self.limit = limit
+
+    def get(self, headers: Headers) -> V | None:
+        entry = self._entries.get(id(headers))
+        return entry[1] if entry is not None and entry[0] is headers else None
+
+    def put(self, headers: Headers, value: V) -> V:
+        if len(self._entries) >= self.limit:
+            self._entries.clear()
+        self._entries[id(headers)] = (headers, value)
+        return value
 
 
 @dataclass(slots=True)

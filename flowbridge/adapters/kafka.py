@@ -34,10 +34,10 @@ from flowbridge.adapters.base import (
     Adapter,
     ConnState,
     Delivery,
-    Headers,
     Health,
     Message,
     Options,
+    PerHeaders,
     PublishOutcome,
     Subscription,
 )
@@ -464,7 +464,7 @@ class KafkaAdapter(Adapter):
         self._default_target = KafkaTargetOptions()
         self.unconfirmed_failures = 0  # unconfirmed sends that later failed (logged)
         self._partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
-        self._header_cache: dict[int, tuple[Headers, list[tuple[str, bytes]]]] = {}
+        self._header_cache: PerHeaders[list[tuple[str, bytes]]] = PerHeaders(_CACHE_MAX)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -872,13 +872,9 @@ class KafkaAdapter(Adapter):
             or m.message_id is not None
         ):
             return _record_headers(m) or []
-        cached = self._header_cache.get(id(h))
-        if cached is not None and cached[0] is h:  # the entry holds h: its id is not reused
-            return cached[1]
-        encoded = _record_headers(m) or []
-        if len(self._header_cache) >= _CACHE_MAX:
-            self._header_cache.clear()
-        self._header_cache[id(h)] = (h, encoded)
+        encoded = self._header_cache.get(h)
+        if encoded is None:
+            encoded = self._header_cache.put(h, _record_headers(m) or [])
         return encoded
 
     def _report_late(self, fut: asyncio.Future[Any]) -> None:

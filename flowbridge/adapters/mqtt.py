@@ -30,10 +30,10 @@ from flowbridge.adapters.base import (
     Backoff,
     ConnState,
     Delivery,
-    Headers,
     Health,
     Message,
     Options,
+    PerHeaders,
     PublishOutcome,
     Subscription,
 )
@@ -171,7 +171,7 @@ class MqttAdapter(Adapter):
         self._order: deque[_Inbound] = deque()
         self._routes: dict[int, _Route] = {}
         self._match_cache: dict[str, list[_Route]] = {}
-        self._props_cache: dict[int, tuple[Headers, int | None, bytes]] = {}
+        self._props_cache: PerHeaders[tuple[int | None, bytes]] = PerHeaders()
         self._shared_filters = False  # two routes subscribe to the same filter
         self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
         self._orphans_dropped = 0
@@ -658,16 +658,10 @@ class MqttAdapter(Adapter):
             and msg.message_id is None
             and msg.timestamp is None
         ):
-            # A topic's messages share the route's header list: encode it once.  The entry
-            # holds the list, so its id cannot be reused while cached.
-            cached = self._props_cache.get(id(headers))
-            if cached is not None and cached[0] is headers and cached[1] == expiry:
-                return cached[2]
-            encoded = self._encode_props(msg, expiry)
-            if len(self._props_cache) >= 4096:
-                self._props_cache.clear()
-            self._props_cache[id(headers)] = (headers, expiry, encoded)
-            return encoded
+            cached = self._props_cache.get(headers)
+            if cached is not None and cached[0] == expiry:
+                return cached[1]
+            return self._props_cache.put(headers, (expiry, self._encode_props(msg, expiry)))[1]
         return self._encode_props(msg, expiry)
 
     def _encode_props(self, msg: Message, expiry: int | None) -> bytes:

@@ -34,10 +34,10 @@ from flowbridge.adapters.base import (
     Backoff,
     ConnState,
     Delivery,
-    Headers,
     Health,
     Message,
     Options,
+    PerHeaders,
     PublishOutcome,
     Subscription,
 )
@@ -52,7 +52,6 @@ _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
 _MSG_OPS = (b"MSG ", b"HMSG ")
-_HDR_CACHE_MAX = 4096
 _WRITE_NOW_MAX = 64 * 1024  # see _write_now
 _BIG = 8192  # payloads from this size on are written as they are, not copied into a block
 _MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
@@ -614,9 +613,9 @@ class NatsAdapter(Adapter):
         self._ack_task: asyncio.Task[None] | None = None
         self._revive_task: asyncio.Task[None] | None = None
         self._subject_cache: dict[str, bytes] = {}
-        # id(headers) -> (headers, topic, b"HPUB <subject> <header size> ", CRLF + header
-        # block, header size): see _publish_core.
-        self._frames: dict[int, tuple[Headers, str, bytes, bytes, int]] = {}
+        # Per shared header list: (topic, b"HPUB <subject> <header size> ", CRLF + header
+        # block, header size), the frame's head for that topic; see _publish_core.
+        self._heads: PerHeaders[tuple[str, bytes, bytes, int]] = PerHeaders()
         self._js_prefix = b""
         self._js_batches: dict[int, _JsBatch] = {}
         self._js_seq = 0
@@ -1088,13 +1087,12 @@ class NatsAdapter(Adapter):
         results: list[PublishError | None] | None = None
         out = bytearray()
         n = len(messages)
-        frames = self._frames
+        heads = self._heads
         for i, m in enumerate(messages):
             payload = m.payload
             headers = m.headers
             # The common case: a topic's messages share one header list (the engine's) and
-            # carry nothing else, so the frame's head is cached with it.  The entry holds the
-            # list, so its id cannot be taken by another list while cached.
+            # carry nothing else, so the frame's head is cached with it.
             plain = (
                 headers is not None
                 and m.reply_to is None
@@ -1104,9 +1102,9 @@ class NatsAdapter(Adapter):
                 and m.timestamp is None
             )
             if plain:
-                cached = frames.get(id(headers))
-                if cached is not None and cached[0] is headers and cached[1] == m.topic:
-                    _, _, head, block, hlen = cached
+                cached = heads.get(headers)  # type: ignore[arg-type]
+                if cached is not None and cached[0] == m.topic:
+                    _, head, block, hlen = cached
                     if hlen + len(payload) <= limit:
                         out += head
                         out += str(hlen + len(payload)).encode()
@@ -1142,14 +1140,14 @@ class NatsAdapter(Adapter):
                 continue
             wire.pub_frame(out, subject, reply, hdr, payload)
             if plain and hdr is not None and headers is not None:
-                if len(frames) >= _HDR_CACHE_MAX:
-                    frames.clear()
-                frames[id(headers)] = (
+                heads.put(
                     headers,
-                    m.topic,
-                    b"HPUB %s %d " % (subject, len(hdr)),
-                    wire.CRLF + hdr,
-                    len(hdr),
+                    (
+                        m.topic,
+                        b"HPUB %s %d " % (subject, len(hdr)),
+                        wire.CRLF + hdr,
+                        len(hdr),
+                    ),
                 )
             if len(out) >= _CHUNK:
                 await nc._send_command(_frames(out))
