@@ -40,6 +40,7 @@ from benchmarks.run import (
     gen,
     run_pub,
     say,
+    terminate,
 )
 from tests.support.brokers import free_port, wait_port
 
@@ -126,13 +127,7 @@ class HttpBridge:
     def stop(self) -> None:
         self.rss.stop()
         self.hwm_kb = self.rss.read("VmHWM")  # the whole run's peak, while /proc still has it
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-1500:]

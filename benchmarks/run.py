@@ -497,6 +497,17 @@ class Sampler:
         return 100.0 * (b[1] - a[1]) / ((b[0] - a[0]) / 1e9)
 
 
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 15 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Bridge:
     """flowbridge (``python -m flowbridge run -c FILE``) or mq-bridge in a process."""
 
@@ -521,13 +532,7 @@ class Bridge:
 
     def stop(self) -> None:
         self.sampler.stop()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-1500:]
