@@ -239,11 +239,17 @@ class RouteRunner:
                 except asyncio.CancelledError as exc:
                     if stop.is_set() and exc.args == (_STOP,):
                         task.uncancel()
-                        return
+                        break
                     raise
                 finally:
                     waiting[0] = False
                 await self.handle(batch, stop)
+            if self.confirm:
+                # What the source already received goes out too, so a restart or reload
+                # resumes where this left off, in order.
+                rest = await self.source.drain(self.name)
+                if rest:
+                    await self.handle(rest, stop)
         finally:
             stopping.remove_done_callback(interrupt)
             stopping.cancel()

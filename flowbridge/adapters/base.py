@@ -227,6 +227,13 @@ class Adapter(abc.ABC):
         (nothing of the batch is known to be delivered), ``PublishError(retriable=False)``
         never: per-message refusals are returned."""
 
+    async def drain(self, route: str) -> list[Delivery]:
+        """A route is stopping: stop fetching for it and return what its source received
+        and has not handed out yet, which the route forwards and acks before it closes.
+        Only sources whose broker would redeliver those out of order need this (JetStream);
+        the others leave them unacked, and the broker hands them out again in order."""
+        return []
+
     @abc.abstractmethod
     def health(self) -> Health: ...
 

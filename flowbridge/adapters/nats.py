@@ -359,6 +359,7 @@ class _PullConsumer:
         self.ready = False  # the consumer exists on the server as far as we know
         self.wake = asyncio.Event()
         self.inbox = ""
+        self.spec: _SubSpec | None = None  # the subscription of the pull inbox
         self.task: asyncio.Task[None] | None = None
 
     def config(self) -> nats.js.api.ConsumerConfig:
@@ -929,6 +930,7 @@ class NatsAdapter(Adapter):
                 for consumer in consumers:
                     spec = _SubSpec(nc.new_inbox(), "", consumer.on_msg)
                     consumer.inbox = spec.subject
+                    consumer.spec = spec
                     self._specs[id(spec)] = spec
                     specs.append(spec)
                     await self._sub(nc, spec)
@@ -958,6 +960,32 @@ class NatsAdapter(Adapter):
                     self._consumers.remove(consumer)
             for spec in specs:
                 await self._unsub(spec)
+
+    async def drain(self, route: str) -> list[Delivery]:
+        """Stop pulling for ``route`` and return what was pulled and not yet taken.
+
+        JetStream would redeliver those only after ack_wait, behind newer messages, so a
+        restart or reload would break per-subject order; a NAK does not help either (servers
+        before 2.10 hand the first NAKed message to the pull request that is going away).
+        The pull inboxes are unsubscribed and the connection flushed first: once the PONG is
+        in, nothing more is on its way."""
+        batch = next((b for b in self._batches if b.route == route), None)
+        consumers = [c for c in self._consumers if c.batch is batch and c.explicit_ack]
+        nc = self._nc
+        if batch is None or not consumers or nc is None or not nc.is_connected:
+            return []
+        for consumer in consumers:
+            if consumer.task is not None:
+                consumer.task.cancel()
+        try:
+            for consumer in consumers:
+                sub = nc._subs.get(consumer.spec.sid) if consumer.spec else None
+                if sub is not None:
+                    await sub.unsubscribe()
+            await nc.flush(timeout=max(1, int(self.opts.js_timeout)))
+        except Exception as exc:  # what arrives later comes back after ack_wait
+            self.log.warning("route %s: pull inbox not closed cleanly: %r", route, exc)
+        return batch.take()
 
     async def _consumers_for(
         self, sub: Subscription, js: JetStreamSource, batch: _Batch

@@ -532,6 +532,45 @@ async def test_jetstream_source_redelivers_unacked_after_reopen(
         await a.close()
 
 
+async def test_jetstream_source_drains_what_the_route_never_took(
+    nats_url: str, nc: Client, stream: str, unique: str
+) -> None:
+    """A stopping route (restart, reload) gets what was pulled but not yet taken, in stream
+    order, and nothing more arrives for it; left in the buffer, those would come back only
+    after ack_wait, behind newer messages."""
+    js = nc.jetstream()
+    subject = f"js.{unique}.src"
+    sub = js_sub(f"h{unique}", (subject,), ack_wait=30.0)
+    a = await make_adapter(nats_url)
+    it = a.subscribe(sub)
+    try:
+        for i in range(5):
+            await js.publish(subject, b"%d" % i)
+        for d in await collect(it, 5):
+            d.ack()
+        for i in range(5, 15):
+            await js.publish(subject, b"%d" % i)
+        buffered = a._batches[0]
+        async with asyncio.timeout(5):  # pulled into the buffer; the route has not taken them
+            while len(buffered.items) < 10:  # noqa: ASYNC110 - a buffer, no event
+                await asyncio.sleep(0.02)
+        rest = await a.drain(sub.route)
+        assert [d.message.payload for d in rest] == [b"%d" % i for i in range(5, 15)]
+        for d in rest:
+            d.ack()
+        await js.publish(subject, b"late")
+        await asyncio.sleep(0.3)
+        assert not buffered.items  # the pull inbox is closed
+        await it.aclose()  # type: ignore[attr-defined]
+        it = a.subscribe(sub)
+        again = await collect(it, 1, within=5)  # far less than ack_wait: nothing is held
+        assert [d.message.payload for d in again] == [b"late"]
+        again[0].ack()
+    finally:
+        await it.aclose()  # type: ignore[attr-defined]
+        await a.close()
+
+
 async def test_jetstream_source_bounds_in_flight_and_multi_filter(
     adapter: NatsAdapter, nc: Client, stream: str, unique: str
 ) -> None:
