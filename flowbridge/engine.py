@@ -261,89 +261,40 @@ class RouteRunner:
         acks the batch."""
         st = self.stats
         started = time.monotonic()
-        st.received += len(batch)
-        st.in_flight = len(batch)
-        targets = self.targets
-        outs: list[list[Message]] = [[] for _ in targets]
-        index: list[list[int]] = [[] for _ in targets]
+        n = len(batch)
+        st.received += n
+        st.in_flight = n
         dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
         via = self.via
-        protocol = self.protocol
-        env_mode = self.envelope.mode
-        env_args = self.envelope_args
-        limits = [t.adapter.max_payload() for t in targets]
+        # Checks most routes never need, decided once per batch.
+        screen = self.guard_echo or self.dollar_guard or self.envelope.mode != "off"
+        msgs: list[Message] = []  # what goes on to the targets, in batch order
+        kept: list[int] | None = None  # their batch indices, once one was held back
+        nbytes = 0
         for i, d in enumerate(batch):
             m = d.message
-            st.bytes_in += len(m.payload)
+            nbytes += len(m.payload)
             headers = m.headers
             if headers is not None and (VIA, via + m.topic) in headers:
                 st.echo_suppressed += 1
+                passed = None
+            else:
+                passed = self._screen(i, m, dead) if screen else m
+            if passed is None:
+                if kept is None:
+                    kept = list(range(i))
                 continue
-            if self.guard_echo and self.bridge.echo.consume(self.name, m.topic, m.payload):
-                st.echo_suppressed += 1
-                continue
-            if self.dollar_guard and m.topic.startswith("$"):
-                st.filtered += 1
-                continue
-            if env_mode != "off" and (env_mode != "auto" or m.payload.startswith(b"{")):
-                try:
-                    m = transform(m, env_mode, **env_args)
-                except EnvelopeError as exc:
-                    dead.append((i, "envelope", f"not a valid envelope: {exc}"))
-                    continue
-            topic = m.topic
-            for ti, t in enumerate(targets):
-                plan = t.plans.get(topic)
-                if plan is None:
-                    try:
-                        plan = self._plan(t, topic)
-                    except TopicError as exc:
-                        dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
-                        continue
-                name, own, key = plan
-                if t.headers:
-                    # Without headers of its own the message shares the plan's list: adapters
-                    # never change a message's headers, and can cache their encoding.
-                    out_headers = (
-                        [*(h for h in headers if h[0] not in _OWN), *own] if headers else own
-                    )
-                    if m.key is not None:
-                        key = m.key
-                    reply = m.reply_to
-                    payload = m.payload
-                    if reply is not None and t.spec.protocol != protocol:
-                        reply = self._reply_name(reply, t.spec.protocol)
-                        if env_mode != "off" and looks_like_envelope(payload):
-                            payload = translate_reply_to(payload, protocol, t.spec.protocol)
-                    out = Message(
-                        name,
-                        payload,
-                        out_headers,
-                        m.content_type,
-                        m.correlation_id,
-                        reply,
-                        m.message_id,
-                        m.timestamp,
-                        key,
-                        m.retain,
-                    )
-                else:
-                    out = Message(name, m.payload, None, retain=m.retain)
-                limit = limits[ti]
-                if limit is not None and len(out.payload) > limit and self.bridge.fileserver:
-                    try:
-                        out = await offload(out, limit, self.bridge.fileserver)
-                    except (EnvelopeError, FileServerError) as exc:
-                        dead.append((i, t.spec.broker, f"too large, offload failed: {exc}"))
-                        continue
-                    st.offloaded += 1
-                outs[ti].append(out)
-                index[ti].append(i)
-        sends = [
-            self._publish(t, outs[ti], index[ti], dead, stop)
-            for ti, t in enumerate(targets)
-            if outs[ti]
-        ]
+            if kept is not None:
+                kept.append(i)
+            msgs.append(passed)
+        st.bytes_in += nbytes
+        sends = []
+        for t in self.targets:
+            out, index = self._outgoing(t, msgs, kept, dead)
+            if self.bridge.fileserver is not None:
+                out, index = await self._offload(t, out, index, dead)
+            if out:
+                sends.append(self._publish(t, out, index, dead, stop))
         if len(sends) == 1:
             await sends[0]  # no task per target: one loop turn less per batch
         elif sends:
@@ -353,7 +304,127 @@ class RouteRunner:
         for d in batch:
             d.ack()
         st.in_flight = 0
-        st.observe(time.monotonic() - started, len(batch))
+        st.observe(time.monotonic() - started, n)
+
+    def _screen(self, i: int, m: Message, dead: list[tuple[int, str, str]]) -> Message | None:
+        """Echoes of header-less brokers, '$' topics a leading wildcard must not match and
+        envelope handling; None when the message goes no further (counted)."""
+        st = self.stats
+        if self.guard_echo and self.bridge.echo.consume(self.name, m.topic, m.payload):
+            st.echo_suppressed += 1
+            return None
+        if self.dollar_guard and m.topic.startswith("$"):
+            st.filtered += 1
+            return None
+        env_mode = self.envelope.mode
+        if env_mode != "off" and (env_mode != "auto" or m.payload.startswith(b"{")):
+            try:
+                return transform(m, env_mode, **self.envelope_args)
+            except EnvelopeError as exc:
+                dead.append((i, "envelope", f"not a valid envelope: {exc}"))
+                return None
+        return m
+
+    def _outgoing(
+        self,
+        t: _Target,
+        msgs: list[Message],
+        kept: list[int] | None,
+        dead: list[tuple[int, str, str]],
+    ) -> tuple[list[Message], list[int] | None]:
+        """The messages for one target, and their batch indices when they are not simply
+        0..n-1 (None)."""
+        out: list[Message] = []
+        plans = t.plans
+        index: list[int] | None = None
+        if not t.headers:
+            for k, m in enumerate(msgs):
+                plan = plans.get(m.topic)
+                if plan is None:
+                    try:
+                        plan = self._plan(t, m.topic)
+                    except TopicError as exc:
+                        i = kept[k] if kept is not None else k
+                        dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
+                        if index is None:
+                            index = kept[:k] if kept is not None else list(range(k))
+                        continue
+                out.append(Message(plan[0], m.payload, None, retain=m.retain))
+                if index is not None:
+                    index.append(kept[k] if kept is not None else k)
+            return out, (index if index is not None else kept)
+        protocol = self.protocol
+        cross = t.spec.protocol != protocol
+        envelopes = self.envelope.mode != "off"
+        for k, m in enumerate(msgs):
+            topic = m.topic
+            plan = plans.get(topic)
+            if plan is None:
+                try:
+                    plan = self._plan(t, topic)
+                except TopicError as exc:
+                    i = kept[k] if kept is not None else k
+                    dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
+                    if index is None:
+                        index = kept[:k] if kept is not None else list(range(k))
+                    continue
+            name, own, key = plan
+            headers = m.headers
+            reply = m.reply_to
+            payload = m.payload
+            if headers:
+                own = [*(h for h in headers if h[0] not in _OWN), *own]
+            # else: the message shares the plan's list: adapters never change a message's
+            # headers, and can cache their encoding.
+            if reply is not None and cross:
+                reply = self._reply_name(reply, t.spec.protocol)
+                if envelopes and looks_like_envelope(payload):
+                    payload = translate_reply_to(payload, protocol, t.spec.protocol)
+            out.append(
+                Message(
+                    name,
+                    payload,
+                    own,
+                    m.content_type,
+                    m.correlation_id,
+                    reply,
+                    m.message_id,
+                    m.timestamp,
+                    key if m.key is None else m.key,
+                    m.retain,
+                )
+            )
+            if index is not None:
+                index.append(kept[k] if kept is not None else k)
+        return out, (index if index is not None else kept)
+
+    async def _offload(
+        self,
+        t: _Target,
+        out: list[Message],
+        index: list[int] | None,
+        dead: list[tuple[int, str, str]],
+    ) -> tuple[list[Message], list[int] | None]:
+        """Messages larger than the target takes go as link envelopes via the file server."""
+        limit = t.adapter.max_payload()
+        fileserver = self.bridge.fileserver
+        if limit is None or fileserver is None or not any(len(m.payload) > limit for m in out):
+            return out, index
+        sent: list[Message] = []
+        where: list[int] = []
+        for k, m in enumerate(out):
+            i = index[k] if index is not None else k
+            link = m
+            if len(m.payload) > limit:
+                try:
+                    link = await offload(m, limit, fileserver)
+                except (EnvelopeError, FileServerError) as exc:
+                    dead.append((i, t.spec.broker, f"too large, offload failed: {exc}"))
+                    continue
+                self.stats.offloaded += 1
+            sent.append(link)
+            where.append(i)
+        return sent, where
 
     def _plan(self, t: _Target, topic: str) -> tuple[str, Headers, bytes | None]:
         """What a source topic becomes on a target: its name there, the bridge's own headers
@@ -384,7 +455,7 @@ class RouteRunner:
         self,
         t: _Target,
         msgs: list[Message],
-        index: list[int],
+        index: list[int] | None,
         dead: list[tuple[int, str, str]],
         stop: asyncio.Event | None,
     ) -> None:
@@ -411,7 +482,7 @@ class RouteRunner:
                 st.forwarded_to[broker] += 1
                 st.bytes_to[broker] += size
             else:
-                dead.append((index[k], broker, err.reason))
+                dead.append((index[k] if index is not None else k, broker, err.reason))
 
     def _expect_echoes(self, t: _Target, msgs: list[Message]) -> None:
         echo = self.bridge.echo

@@ -55,6 +55,8 @@ _MSG_OPS = (b"MSG ", b"HMSG ")
 _WRITE_NOW_MAX = 64 * 1024  # see _write_now
 _BIG = 8192  # payloads from this size on are written as they are, not copied into a block
 _MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
+_LINES_MAX = 4096
+_TOPICS_MAX = 4096
 MAX_CONTROL_LINE_SIZE = 1 << 20  # a line without its CRLF beyond this is no NATS protocol
 
 
@@ -129,6 +131,7 @@ class _Parser(Parser):
             self._rest = b""
         nc = self.fb
         handlers = nc.fb_handlers
+        known = nc.fb_lines
         find = data.find
         starts = data.startswith
         end = len(data)
@@ -139,7 +142,10 @@ class _Parser(Parser):
                 if end - pos > MAX_CONTROL_LINE_SIZE:
                     raise nats.errors.ProtocolError("nats: control line too long")
                 break
-            if starts(_MSG_OPS, pos):
+            # A stream repeats its control lines (same subject, sid and size): each distinct
+            # one is split and looked up once.
+            entry = known.get(data[pos:eol])
+            if entry is None and starts(_MSG_OPS, pos):
                 hmsg = data[pos] == 72  # "H"
                 args = data[pos + (5 if hmsg else 4) : eol].split()
                 extra = len(args) - (4 if hmsg else 3)  # 1: a reply subject is present
@@ -148,34 +154,44 @@ class _Parser(Parser):
                     hsize = int(args[-2]) if hmsg else 0
                 except (ValueError, IndexError):
                     extra = -1
-                if extra not in (0, 1):
+                if extra not in (0, 1) or size < hsize or size < 0:
                     raise nats.errors.ProtocolError(
                         f"nats: malformed message line {data[pos:eol][:200]!r}"
                     )
-                start = eol + 2
-                stop = start + size
-                if stop + 2 > end:
-                    break
                 reply = args[2] if extra else b""
-                if hmsg:
-                    hdr: bytes | None = data[start : start + hsize]
-                    payload = data[start + hsize : stop]
-                else:
-                    hdr = None
-                    payload = data[start:stop]
-                pos = stop + 2
                 handler = handlers.get(args[1])
                 if handler is None:
+                    start = eol + 2
+                    stop = start + size
+                    if stop + 2 > end:
+                        break
                     try:
                         sid = int(args[1])
                     except ValueError:
                         raise nats.errors.ProtocolError(
                             f"nats: malformed sid {args[1][:50]!r} in a message line"
                         ) from None
-                    await nc._process_msg(sid, args[0], reply, payload, hdr)  # type: ignore[arg-type]
+                    hdr = data[start : start + hsize] if hmsg else None
+                    pos = stop + 2
+                    await nc._process_msg(sid, args[0], reply, data[start + hsize : stop], hdr)  # type: ignore[arg-type]
                     continue
+                entry = (handler, args[0], reply, size, hsize if hmsg else -1)
+                if len(known) >= _LINES_MAX:
+                    known.clear()
+                known[data[pos:eol]] = entry
+            if entry is not None:
+                handler, subject, reply, size, hsize = entry
+                start = eol + 2
+                stop = start + size
+                if stop + 2 > end:
+                    break
+                pos = stop + 2
                 try:
-                    handler(args[0], reply, payload, hdr)
+                    if hsize < 0:
+                        handler(subject, reply, data[start:stop], None)
+                    else:
+                        hdr = data[start : start + hsize]
+                        handler(subject, reply, data[start + hsize : stop], hdr)
                 except Exception as exc:  # never let it reach the read loop: it would reconnect
                     nc.fb_errors(exc)
                 continue
@@ -213,6 +229,8 @@ class _Client(Client):
     def __init__(self) -> None:
         super().__init__()
         self.fb_handlers: dict[bytes, Handler] = {}  # by sid as it appears on the wire
+        # Control lines of messages for those handlers, parsed: cleared whenever they change.
+        self.fb_lines: dict[bytes, tuple[Handler, bytes, bytes, int, int]] = {}
         self.fb_errors: Callable[[BaseException], None] = lambda exc: None
         self.fb_require_tls = False
         self._ps = _Parser(self)
@@ -245,6 +263,7 @@ class _Batch:
         "nbytes",
         "route",
         "taken",
+        "topics",
         "warned",
     )
 
@@ -268,6 +287,7 @@ class _Batch:
         self.drops = drops  # the route's dropped counters
         self.taken: list[asyncio.Event] = []  # set when the route takes the buffer
         self.warned = False
+        self.topics: dict[bytes, str] = {}  # subjects decoded, once each
 
     def full(self, size: int, *, lost: bool = True) -> bool:
         """Whether a message of ``size`` bytes finds no room; counts it when not.  ``lost``:
@@ -294,15 +314,20 @@ class _Batch:
         size = len(data) + len(subject) + _MSG_OVERHEAD
         if (len(items) >= self.max_msgs or self.nbytes + size > self.max_bytes) and self.full(size):
             return
-        msg = Message(subject.decode("utf-8", "surrogateescape"), data)
+        topic = self.topics.get(subject)
+        if topic is None:
+            if len(self.topics) >= _TOPICS_MAX:
+                self.topics.clear()
+            topic = self.topics[subject] = subject.decode("utf-8", "surrogateescape")
+        msg = Message(topic, data)
         if reply:
             msg.reply_to = reply.decode("utf-8", "surrogateescape")
         if hdr is not None:
             wire.decode_headers(hdr, msg)
+        if not items:  # the route waits only on an empty buffer
+            self.event.set()
         items.append(Delivery(msg))
         self.nbytes += size
-        if not self.event.is_set():
-            self.event.set()
 
     def take(self) -> list[Delivery]:
         items = self.items
@@ -759,10 +784,12 @@ class NatsAdapter(Adapter):
         # nats-py assigns is the next one (assigned before its first await).
         sid = nc._sid + 1
         nc.fb_handlers[b"%d" % sid] = spec.handler
+        nc.fb_lines.clear()
         sub = await nc.subscribe(spec.subject, queue=spec.queue)
         if sub._id != sid:  # pragma: no cover - nats-py changed how sids are assigned
             nc.fb_handlers.pop(b"%d" % sid, None)
             nc.fb_handlers[b"%d" % sub._id] = spec.handler
+            nc.fb_lines.clear()
         spec.sid = sub._id
 
     async def _unsub(self, spec: _SubSpec) -> None:
@@ -771,6 +798,7 @@ class NatsAdapter(Adapter):
         if nc is None:
             return
         nc.fb_handlers.pop(b"%d" % spec.sid, None)
+        nc.fb_lines.clear()
         sub = nc._subs.get(spec.sid)
         if sub is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
@@ -1116,6 +1144,7 @@ class NatsAdapter(Adapter):
         out = bytearray()
         n = len(messages)
         heads = self._heads
+        cache = heads._entries
         for i, m in enumerate(messages):
             payload = m.payload
             headers = m.headers
@@ -1130,10 +1159,17 @@ class NatsAdapter(Adapter):
                 and m.timestamp is None
             )
             if plain:
-                cached = heads.get(headers)  # type: ignore[arg-type]
+                entry = cache.get(id(headers))
+                cached = entry[1] if entry is not None and entry[0] is headers else None
                 if cached is not None and cached[0] == m.topic:
                     _, head, block, hlen = cached
                     if hlen + len(payload) <= limit:
+                        if len(payload) < _BIG:
+                            out += b"%s%d%s%s\r\n" % (head, hlen + len(payload), block, payload)
+                            if len(out) >= _CHUNK:
+                                await nc._send_command(_frames(out))
+                                out = bytearray()
+                            continue
                         out += head
                         out += str(hlen + len(payload)).encode()
                         out += block

@@ -19,6 +19,7 @@ class FakeClient:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.fb_handlers = {b"1": self.mine}
+        self.fb_lines: dict[bytes, Any] = {}
         self.errors: list[BaseException] = []
         self.fb_errors = self.errors.append
 
@@ -138,3 +139,21 @@ async def test_reset_drops_a_partial_frame() -> None:
     parser.reset()  # a reconnect: the new connection starts with a fresh stream
     await parser.parse(b"MSG b 1 1\r\nz\r\n")
     assert nc.events == [("mine", b"b", b"", b"z", None)]
+
+
+async def test_repeated_lines_follow_handler_changes() -> None:
+    """Control lines are parsed once and remembered; the adapter forgets them whenever its
+    handlers change, and the parser then goes by the handlers of the moment."""
+    nc = FakeClient()
+    parser = _Parser(nc)  # type: ignore[arg-type]
+    frame = b"MSG a.b 1 2\r\nhi\r\n"
+    await parser.parse(frame * 3 + b"MSG a.b 1 3\r\nbye\r\n")
+    assert len(nc.fb_lines) == 2
+    del nc.fb_handlers[b"1"]  # as on unsubscribe
+    nc.fb_lines.clear()
+    await parser.parse(frame)
+    assert nc.events == [
+        *[("mine", b"a.b", b"", b"hi", None)] * 3,
+        ("mine", b"a.b", b"", b"bye", None),
+        ("other", 1, b"a.b", b"", b"hi", None),
+    ]
