@@ -337,22 +337,7 @@ class RouteRunner:
         out: list[Message] = []
         plans = t.plans
         index: list[int] | None = None
-        if not t.headers:
-            for k, m in enumerate(msgs):
-                plan = plans.get(m.topic)
-                if plan is None:
-                    try:
-                        plan = self._plan(t, m.topic)
-                    except TopicError as exc:
-                        i = kept[k] if kept is not None else k
-                        dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
-                        if index is None:
-                            index = kept[:k] if kept is not None else list(range(k))
-                        continue
-                out.append(Message(plan[0], m.payload, None, retain=m.retain))
-                if index is not None:
-                    index.append(kept[k] if kept is not None else k)
-            return out, (index if index is not None else kept)
+        carries = t.headers
         protocol = self.protocol
         cross = t.spec.protocol != protocol
         envelopes = self.envelope.mode != "off"
@@ -368,32 +353,35 @@ class RouteRunner:
                     if index is None:
                         index = kept[:k] if kept is not None else list(range(k))
                     continue
-            name, own, key = plan
-            headers = m.headers
-            reply = m.reply_to
-            payload = m.payload
-            if headers:
-                own = [*(h for h in headers if h[0] not in _OWN), *own]
-            # else: the message shares the plan's list: adapters never change a message's
-            # headers, and can cache their encoding.
-            if reply is not None and cross:
-                reply = self._reply_name(reply, t.spec.protocol)
-                if envelopes and looks_like_envelope(payload):
-                    payload = translate_reply_to(payload, protocol, t.spec.protocol)
-            out.append(
-                Message(
-                    name,
-                    payload,
-                    own,
-                    m.content_type,
-                    m.correlation_id,
-                    reply,
-                    m.message_id,
-                    m.timestamp,
-                    key if m.key is None else m.key,
-                    m.retain,
+            if not carries:
+                out.append(Message(plan[0], m.payload, None, retain=m.retain))
+            else:
+                name, own, key = plan
+                headers = m.headers
+                reply = m.reply_to
+                payload = m.payload
+                if headers:
+                    own = [*(h for h in headers if h[0] not in _OWN), *own]
+                # else: the message shares the plan's list: adapters never change a message's
+                # headers, and can cache their encoding.
+                if reply is not None and cross:
+                    reply = self._reply_name(reply, t.spec.protocol)
+                    if envelopes and looks_like_envelope(payload):
+                        payload = translate_reply_to(payload, protocol, t.spec.protocol)
+                out.append(
+                    Message(
+                        name,
+                        payload,
+                        own,
+                        m.content_type,
+                        m.correlation_id,
+                        reply,
+                        m.message_id,
+                        m.timestamp,
+                        key if m.key is None else m.key,
+                        m.retain,
+                    )
                 )
-            )
             if index is not None:
                 index.append(kept[k] if kept is not None else k)
         return out, (index if index is not None else kept)

@@ -184,6 +184,51 @@ routes:
     await settle(lambda: broker("core").queues[0].acked == [1, 2])
 
 
+async def test_dead_letters_name_their_own_messages_in_a_mixed_batch(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    """One batch, two targets: an echo held back, a name one target cannot carry, a message
+    the other refuses; each dead letter is the message it is about, and the rest arrive."""
+    run = await start(
+        """
+brokers:
+  edge: {url: "mqtt://edge"}
+  core: {url: "nats://core"}
+  small: {url: "nats://small", options: {max_payload: 4}}
+routes:
+  - name: fan
+    from: {broker: core, filter: "in.>"}
+    to: [{broker: edge}, {broker: small}]
+    dead_letter: {broker: core, topic: "dead.fan"}
+"""
+    )
+    src = broker("core")
+    src.deliver(Message("in.echo", b"e", [(VIA, "flowbridge in.echo")]))
+    src.deliver(Message("in.a+b", b"plus"))  # '+' cannot be in an MQTT topic
+    src.deliver(Message("in.big", b"too large"))  # over small's max_payload
+    src.deliver(Message("in.ok", b"ok"))
+    await settle(lambda: len([m for m in src.published if m.topic == "dead.fan"]) == 2)
+    dead = {
+        m.payload: dict(m.headers or [])[DEAD_REASON]
+        for m in src.published
+        if m.topic == "dead.fan"
+    }
+    assert dead.keys() == {b"plus", b"too large"}
+    assert dead[b"plus"].startswith("edge: topic not representable")
+    assert dead[b"too large"].startswith("small: too large")
+    assert [(m.topic, m.payload) for m in broker("edge").published] == [
+        ("in/big", b"too large"),
+        ("in/ok", b"ok"),
+    ]
+    assert [(m.topic, m.payload) for m in broker("small").published] == [
+        ("in.a+b", b"plus"),
+        ("in.ok", b"ok"),
+    ]
+    st = run.bridge.stats()["fan"]
+    assert st.echo_suppressed == 1
+    assert st.received == 4
+
+
 async def test_target_refusal_is_dead_lettered(start: Callable[..., Awaitable[Running]]) -> None:
     await start(
         """
