@@ -37,6 +37,9 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH = 
 )
 
 MAX_REMAINING = 268_435_455  # largest value a 4-byte variable integer holds
+_CACHE_MAX = 4096  # topics and property blocks a parser remembers
+_SHORT_PROPS = 32  # property blocks up to this size are decoded once and shared
+_JOIN_FROM = 65536  # an incomplete packet this large is collected in parts
 
 # MQTT 5 property identifiers used by name in the adapter.
 PAYLOAD_FORMAT = 0x01
@@ -566,29 +569,48 @@ class Parser:
     def __init__(self, version: int = V5, max_packet_size: int = MAX_REMAINING + 5) -> None:
         self.version = version
         self.max_packet_size = max_packet_size
-        self._buf = bytearray()
+        self._rest = b""  # an incomplete packet from the end of the previous chunk
+        self._parts: list[bytes] = []  # or the chunks of a large one so far
+        self._have = 0
+        self._want = 0  # its size, while collecting
+        # A stream repeats its topics and, on MQTT 5, its short property blocks (a broker adds
+        # the same subscription identifier to every message): each is decoded once.  The
+        # property dicts are shared between packets and must not be changed.
+        self._topics: dict[bytes, str] = {}
+        self._props: dict[bytes, Props] = {}
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._rest) + self._have
 
     def feed(self, data: bytes) -> list[Packet]:
-        buf = self._buf
-        buf += data
+        if self._want:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._want:
+                return []
+            data = b"".join(self._parts)
+            self._parts = []
+            self._want = self._have = 0
+        elif self._rest:
+            data = self._rest + data
+            self._rest = b""
         out: list[Packet] = []
         pos = 0
-        size = len(buf)
+        size = len(data)
         v5 = self.version == V5
+        topics = self._topics
+        known = self._props
         try:
             while size - pos >= 2:
-                first = buf[pos]
+                first = data[pos]
                 # Remaining length, inline: this loop runs once per packet.
                 length = shift = 0
                 i = pos + 1
                 while True:
                     if i >= size:
                         return out
-                    b = buf[i]
+                    b = data[i]
                     length |= (b & 0x7F) << shift
                     i += 1
                     if not b & 0x80:
@@ -603,79 +625,81 @@ class Parser:
                     )
                 if end > size:
                     return out
-                kind = first >> 4
-                if kind == PUBLISH:
-                    qos = (first >> 1) & 3
-                    if qos == 3:
-                        raise MalformedPacket("PUBLISH with QoS 3")
-                    if i + 2 > end:
-                        raise MalformedPacket("PUBLISH shorter than its topic")
-                    tlen = (buf[i] << 8) | buf[i + 1]
-                    j = i + 2 + tlen
-                    if j > end:
-                        raise MalformedPacket("PUBLISH topic overruns the packet")
+                if first >> 4 != PUBLISH:
+                    out.append(self._other(first >> 4, first, data, i, end))
+                    pos = end
+                    continue
+                qos = (first >> 1) & 3
+                if qos == 3:
+                    raise MalformedPacket("PUBLISH with QoS 3")
+                if i + 2 > end:
+                    raise MalformedPacket("PUBLISH shorter than its topic")
+                j = i + 2 + ((data[i] << 8) | data[i + 1])
+                if j > end:
+                    raise MalformedPacket("PUBLISH topic overruns the packet")
+                raw = data[i + 2 : j]
+                topic = topics.get(raw)
+                if topic is None:
                     try:
-                        topic = buf[i + 2 : j].decode()
+                        topic = raw.decode()
                     except UnicodeDecodeError as exc:
                         raise MalformedPacket("PUBLISH topic is not valid UTF-8") from exc
-                    pid = 0
-                    if qos:
-                        if j + 2 > end:
-                            raise MalformedPacket("PUBLISH without packet identifier")
-                        pid = (buf[j] << 8) | buf[j + 1]
-                        if pid == 0:
-                            raise MalformedPacket("PUBLISH with packet identifier 0")
-                        j += 2
-                    props = None
-                    if v5:
-                        if j < end and buf[j] == 0:
-                            props = {}
-                            j += 1  # no properties: the common case, skip the reader
-                        else:
-                            # Only a subscription identifier: what a broker adds to every
-                            # message for a client that numbers its subscriptions.
-                            sub_id = 0
-                            plen = buf[j] if j + 2 < end else 0
-                            if 2 <= plen <= 5 and buf[j + 1] == SUBSCRIPTION_ID:
-                                stop = j + 1 + plen
-                                k = j + 2
-                                shift = 0
-                                while k < stop and k < end:
-                                    b = buf[k]
-                                    sub_id |= (b & 0x7F) << shift
-                                    k += 1
-                                    if not b & 0x80:
-                                        break
-                                    shift += 7
-                                if k != stop or buf[k - 1] & 0x80:
-                                    sub_id = 0  # not that alone: the full reader decides
-                            if sub_id:
-                                props = {SUBSCRIPTION_ID: [sub_id]}
-                                j += 1 + plen
-                            else:
-                                r = _Reader(buf, j, end)
-                                props = r.props()
-                                j = r.pos
-                    out.append(
-                        Publish(
-                            topic,
-                            bytes(buf[j:end]),
-                            qos,
-                            bool(first & 1),
-                            bool(first & 8),
-                            pid,
-                            props,
-                        )
-                    )
-                else:
-                    out.append(self._other(kind, first, buf, i, end))
+                    if len(topics) >= _CACHE_MAX:
+                        topics.clear()
+                    topics[raw] = topic
+                pid = 0
+                if qos:
+                    if j + 2 > end:
+                        raise MalformedPacket("PUBLISH without packet identifier")
+                    pid = (data[j] << 8) | data[j + 1]
+                    if pid == 0:
+                        raise MalformedPacket("PUBLISH with packet identifier 0")
+                    j += 2
+                props = None
+                if v5:
+                    if j >= end:
+                        raise MalformedPacket("PUBLISH without its properties length")
+                    plen = data[j]
+                    if plen < 0x80 and plen <= _SHORT_PROPS and j + 1 + plen <= end:
+                        block = data[j : j + 1 + plen]
+                        props = known.get(block)
+                        if props is None:
+                            props = _Reader(block).props()
+                            if len(known) >= _CACHE_MAX:
+                                known.clear()
+                            known[block] = props
+                        j += 1 + plen
+                    else:
+                        r = _Reader(data, j, end)
+                        props = r.props()
+                        j = r.pos
+                out.append(
+                    Publish(topic, data[j:end], qos, bool(first & 1), bool(first & 8), pid, props)
+                )
                 pos = end
             return out
         finally:
-            if pos:
-                del buf[:pos]
+            if pos < size:
+                self._keep(data[pos:] if pos else data)
 
-    def _other(self, kind: int, first: int, buf: bytearray, i: int, end: int) -> Packet:
+    def _keep(self, rest: bytes) -> None:
+        """Hold an incomplete packet; a large one is collected in parts and joined once, not
+        copied again with every chunk that arrives."""
+        length = shift = 0
+        for k in range(1, min(len(rest), 5)):
+            length |= (rest[k] & 0x7F) << shift
+            if not rest[k] & 0x80:
+                want = k + 1 + length
+                if want > _JOIN_FROM:
+                    self._parts = [rest]
+                    self._have = len(rest)
+                    self._want = want
+                    return
+                break
+            shift += 7
+        self._rest = rest
+
+    def _other(self, kind: int, first: int, buf: bytes, i: int, end: int) -> Packet:
         flags = first & 0x0F
         expected = 0x02 if kind in (PUBREL, SUBSCRIBE, UNSUBSCRIBE) else 0
         if flags != expected:

@@ -495,6 +495,8 @@ class MqttAdapter(Adapter):
         gen = self._gen
         routes = self._routes
         single = next(iter(routes.values())) if len(routes) == 1 else None
+        woken: set[_Route] = set()
+        last: _Route | None = None
         for p in packets:
             targets = self._targets(p, routes, single)
             inbound = None
@@ -511,7 +513,11 @@ class MqttAdapter(Adapter):
                 else:
                     route.pending.append(Delivery(msg, route, inbound))
                     route.unacked += 1
-                route.wake.set()
+                if route is not last:  # each route is woken once per read
+                    woken.add(route)
+                    last = route
+        for route in woken:
+            route.wake.set()
         self._update_flow()
 
     def _note_shared_filters(self) -> None:
@@ -551,7 +557,8 @@ class MqttAdapter(Adapter):
     def _message(self, p: w.Publish) -> Message:
         msg = Message(p.topic, p.payload, retain=p.retain)
         props = p.properties
-        if props:
+        # A subscription identifier alone (what most messages carry) says nothing of the message.
+        if props and (len(props) > 1 or w.SUBSCRIPTION_ID not in props):
             msg.content_type = props.get(w.CONTENT_TYPE)
             msg.correlation_id = props.get(w.CORRELATION_DATA)
             msg.reply_to = props.get(w.RESPONSE_TOPIC)

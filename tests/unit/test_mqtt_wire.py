@@ -173,6 +173,31 @@ def test_many_packets_in_one_chunk_and_split_remaining_length() -> None:
     assert parser.feed(data[first_len + 2 :]) == [big, big]
 
 
+def test_large_packet_in_many_chunks_then_more() -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    big = w.Publish("big/one", body, 1, packet_id=7, properties={})
+    small = w.Publish("after", b"z", 0, properties={})
+    data = w.encode(big) + w.encode(small)
+    parser = w.Parser()
+    got: list[w.Packet] = []
+    for i in range(0, len(data), 32768):
+        got.extend(parser.feed(data[i : i + 32768]))
+        assert parser.buffered < len(data)
+    assert got == [big, small]
+    assert parser.buffered == 0
+
+
+def test_repeated_topics_and_property_blocks_decode_the_same() -> None:
+    props: w.Props = {w.SUBSCRIPTION_ID: [9]}
+    a = w.Publish("a/b", b"1", 0, properties=props)
+    b = w.Publish("a/b", b"2", 0, properties={w.SUBSCRIPTION_ID: [9], w.CONTENT_TYPE: "t/p"})
+    c = w.Publish("c", b"3", 0, properties={})
+    parser = w.Parser()
+    stream = b"".join(w.encode(p) for p in (a, b, c, a, c))
+    assert parser.feed(stream) == [a, b, c, a, c]
+    assert parser.feed(w.encode(b)) == [b]
+
+
 @pytest.mark.parametrize(
     ("n", "encoded"),
     [
