@@ -14,6 +14,7 @@ of ``run.py``), one flowbridge process (with ``--http``, for its counters) and t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -146,6 +147,7 @@ class BurstResult:
     burst_rate: float | None = None  # the publisher's
     drain_rate: float | None = None  # what the route delivered per second meanwhile
     delivered: int = 0
+    stored: int | None = None  # JetStream source: what the stream took of the burst
     dropped: int = 0  # counted by the bridge
     unaccounted: int = 0
     dups: int = 0
@@ -203,6 +205,8 @@ def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstRes
         res.steady_rate = STEADY_RATE
         res.steady_delivered_pct = 100.0 * got["unique"] / steady_n
         before = bridge.route()
+        stream = _stream_of(case)
+        seq0 = js_last_seq(b, stream) if stream else 0
         # -- burst
         run = uuid.uuid4().hex[:8]
         sub = Sub(gen("sub", dst, _url(b, dst), run, count, idle=15.0, first=40.0))
@@ -221,7 +225,11 @@ def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstRes
         res.delivered = got["unique"]
         res.dups = got["dups"]
         res.dropped = after["dropped_total"] - before["dropped_total"]
-        res.unaccounted = count - res.delivered - res.dropped
+        # A JetStream source has what its stream stored: a core NATS publish the server could
+        # not ingest never became part of the source (nats-server sheds them, unacknowledged).
+        if stream:
+            res.stored = js_last_seq(b, stream) - seq0
+        res.unaccounted = (count if res.stored is None else res.stored) - res.delivered - res.dropped
         res.reconnects = after["reconnects"]
         if bridge.proc.poll() is not None:
             res.error = "bridge exited: " + bridge.tail()
@@ -233,6 +241,27 @@ def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstRes
         if bridge is not None:
             bridge.stop()
     return res
+
+
+def _stream_of(case: Case) -> str | None:
+    """The JetStream stream a case's route reads, None for core NATS."""
+    if case.pub.proto != "nats" or case.mode != "at-least-once":
+        return None
+    return case.pub.topic.split(".", 1)[0]
+
+
+def js_last_seq(b: Brokers, stream: str) -> int:
+    async def query() -> int:
+        import nats  # noqa: PLC0415
+
+        nc = await nats.connect(b.nats)
+        try:
+            info = await nc.jetstream().stream_info(stream)
+            return int(info.state.last_seq)
+        finally:
+            await nc.close()
+
+    return asyncio.run(query())
 
 
 def _settled(bridge: HttpBridge, total: int, within: float = 30.0) -> dict[str, Any]:
@@ -255,7 +284,9 @@ def line(r: BurstResult) -> str:
         f"    steady {_fmt(r.steady_rate)} msg/s: {_fmt(r.steady_delivered_pct, '.2f')}% "
         f"delivered, RSS {_fmt(r.steady_rss_mb, '.1f')} MB | burst {r.burst_count} msgs at "
         f"{_fmt(r.burst_rate)} msg/s ({_fmt(ratio, '.0f')}x the {_fmt(r.drain_rate)} msg/s "
-        f"drained): delivered {r.delivered}, dropped (counted) {r.dropped}, unaccounted "
+        f"drained): "
+        + ("" if r.stored is None else f"stored by the stream {r.stored}, ")
+        + f"delivered {r.delivered}, dropped (counted) {r.dropped}, unaccounted "
         f"{r.unaccounted}, dups {r.dups}; peak RSS {_fmt(r.burst_rss_mb, '.1f')} MB, "
         f"VmHWM {_fmt(r.hwm_mb, '.1f')} MB"
         + (f"; {r.reconnects} reconnect(s)" if r.reconnects else "")
@@ -272,22 +303,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "baseline), then a block of messages as fast as the generator sends them. "
         "`x drain` is the burst's rate over the rate the route delivered meanwhile; "
         "`dropped` is what the bridge counted (`flowbridge_route_dropped_total`); "
-        "`unaccounted` is neither delivered nor counted.\n",
+        "`stored` is what a JetStream source's stream took of the burst (nats-server sheds "
+        "core NATS publishes it cannot ingest; they never reach the bridge); `unaccounted` "
+        "is what the source had and was neither delivered nor counted.\n",
         "| route | delivery | steady msg/s | steady delivered | steady RSS | burst msgs | "
-        "burst msg/s | x drain | delivered | dropped | unaccounted | dups | burst peak RSS "
-        "| VmHWM |",
-        "|" + "---|" * 14,
+        "burst msg/s | x drain | stored | delivered | dropped | unaccounted | dups | "
+        "burst peak RSS | VmHWM |",
+        "|" + "---|" * 15,
     ]
     for r in rows:
         if r["error"]:
             err = r["error"].splitlines()[0][:120].replace("|", "/")
-            out.append(f"| {r['case']} | {r['mode']} | ERROR: {err} |||||||||||")
+            out.append(f"| {r['case']} | {r['mode']} | ERROR: {err} ||||||||||||")
             continue
         ratio = r["burst_rate"] / r["drain_rate"] if r["burst_rate"] and r["drain_rate"] else None
         out.append(
             f"| {r['case']} | {r['mode']} | {_fmt(r['steady_rate'])} | "
             f"{_fmt(r['steady_delivered_pct'], '.2f')}% | {_fmt(r['steady_rss_mb'], '.0f')} MB | "
             f"{r['burst_count']} | {_fmt(r['burst_rate'])} | {_fmt(ratio, '.0f')}x | "
+            f"{'-' if r.get('stored') is None else r['stored']} | "
             f"{r['delivered']} | {r['dropped']} | {r['unaccounted']} | {r['dups']} | "
             f"{_fmt(r['burst_rss_mb'], '.0f')} MB | {_fmt(r['hwm_mb'], '.0f')} MB |"
         )
