@@ -229,7 +229,8 @@ def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstRes
         # not ingest never became part of the source (nats-server sheds them, unacknowledged).
         if stream:
             res.stored = js_last_seq(b, stream) - seq0
-        res.unaccounted = (count if res.stored is None else res.stored) - res.delivered - res.dropped
+        had = count if res.stored is None else res.stored
+        res.unaccounted = had - res.delivered - res.dropped
         res.reconnects = after["reconnects"]
         if bridge.proc.poll() is not None:
             res.error = "bridge exited: " + bridge.tail()
