@@ -457,7 +457,7 @@ async def kafka_sub(a: argparse.Namespace) -> dict[str, Any]:
         auto_offset_reset="earliest",
         fetch_max_bytes=16 * 1024 * 1024,
         max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_wait_ms=50,
+        fetch_max_wait_ms=5,
     )
     await cons.start()
     try:
