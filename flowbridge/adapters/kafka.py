@@ -171,6 +171,10 @@ def _record_headers(m: Message) -> list[tuple[str, bytes]] | None:
     return out or None
 
 
+def _sized(headers: list[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], int]:
+    return headers, sum(len(k) + len(v) + 8 for k, v in headers)
+
+
 def _text(value: bytes | None) -> str:
     return "" if value is None else value.decode("utf-8", "surrogateescape")
 
@@ -464,7 +468,7 @@ class KafkaAdapter(Adapter):
         self._default_target = KafkaTargetOptions()
         self.unconfirmed_failures = 0  # unconfirmed sends that later failed (logged)
         self._partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
-        self._header_cache: PerHeaders[list[tuple[str, bytes]]] = PerHeaders(_CACHE_MAX)
+        self._header_cache: PerHeaders[tuple[list[tuple[str, bytes]], int]] = PerHeaders(_CACHE_MAX)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -752,15 +756,19 @@ class KafkaAdapter(Adapter):
         limit = self.opts.max_request_size
         counts: dict[str, int] = {}
         encoded: list[list[tuple[str, bytes]]] = [_NO_HEADERS] * n
+        # Consecutive records of one topic and key (a route's usual stream) share their
+        # partition and group: looked up once per run.  Records without a key stay on one
+        # partition per call, as the Java client's sticky partitioner keeps them per batch.
+        last: tuple[str, bytes | None] | None = None
+        members: list[int] = []
         for i, m in enumerate(messages):
             topic = m.topic
             if refused and topic in refused:
                 results = results or [None] * n
                 results[i] = PublishError(f"kafka {topic!r}: {refused[topic]}", retriable=False)
                 continue
-            headers = self._headers(m)
-            size = len(m.payload) + len(m.key or b"") + _RECORD_OVERHEAD
-            size += sum(len(k) + len(v) + 8 for k, v in headers)
+            headers, hsize = self._headers(m)
+            size = len(m.payload) + len(m.key or b"") + _RECORD_OVERHEAD + hsize
             if size > limit:
                 results = results or [None] * n
                 results[i] = PublishError(
@@ -769,24 +777,27 @@ class KafkaAdapter(Adapter):
                 )
                 continue
             encoded[i] = headers
-            nparts = counts.get(topic)
-            if nparts is None:
-                try:
-                    nparts = counts[topic] = len(await producer.partitions_for(topic))
-                except (KafkaError, *_TRANSIENT) as exc:
-                    raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
-            if fixed is not None:
-                if fixed >= nparts:
-                    results = results or [None] * n
-                    results[i] = PublishError(
-                        f"kafka {topic!r}: no partition {fixed} (it has {nparts})",
-                        retriable=False,
-                    )
-                    continue
-                part = fixed
-            else:
-                part = self._partition(topic, m.key, nparts)
-            groups.setdefault((topic, part), []).append(i)
+            if last is None or topic != last[0] or m.key != last[1]:
+                nparts = counts.get(topic)
+                if nparts is None:
+                    try:
+                        nparts = counts[topic] = len(await producer.partitions_for(topic))
+                    except (KafkaError, *_TRANSIENT) as exc:
+                        raise PublishError(f"broker {self.name}: {exc!r}", retriable=True) from exc
+                if fixed is not None:
+                    if fixed >= nparts:
+                        results = results or [None] * n
+                        results[i] = PublishError(
+                            f"kafka {topic!r}: no partition {fixed} (it has {nparts})",
+                            retriable=False,
+                        )
+                        continue
+                    part = fixed
+                else:
+                    part = self._partition(topic, m.key, nparts)
+                members = groups.setdefault((topic, part), [])
+                last = (topic, m.key)
+            members.append(i)
         sent: list[tuple[list[int], asyncio.Future[Any]]] = []
         try:
             for (topic, part), members in groups.items():
@@ -862,8 +873,9 @@ class KafkaAdapter(Adapter):
         self._partitions[(topic, key)] = (nparts, part)
         return part
 
-    def _headers(self, m: Message) -> list[tuple[str, bytes]]:
-        """Record headers; a header list shared by many messages is encoded once."""
+    def _headers(self, m: Message) -> tuple[list[tuple[str, bytes]], int]:
+        """Record headers and about what they add to a record; a header list shared by many
+        messages is encoded (and measured) once."""
         h = m.headers
         if h is None or (
             m.content_type is not None
@@ -871,10 +883,10 @@ class KafkaAdapter(Adapter):
             or m.reply_to is not None
             or m.message_id is not None
         ):
-            return _record_headers(m) or []
+            return _sized(_record_headers(m) or [])
         encoded = self._header_cache.get(h)
         if encoded is None:
-            encoded = self._header_cache.put(h, _record_headers(m) or [])
+            encoded = self._header_cache.put(h, _sized(_record_headers(m) or []))
         return encoded
 
     def _report_late(self, fut: asyncio.Future[Any]) -> None:
