@@ -365,14 +365,20 @@ def encode_publish(
     props: bytes | None = None,
 ) -> bytes:
     """PUBLISH with pre-encoded properties (``props`` None for MQTT 3.1.1)."""
-    t = topic.encode()
     first = 0x30 | (qos << 1) | retain | (dup << 3)
+    return _publish_head(topic, len(payload), first, packet_id, props) + payload
+
+
+def _publish_head(topic: str, size: int, first: int, packet_id: int, props: bytes | None) -> bytes:
+    """Everything of a PUBLISH before its payload of ``size`` bytes (``first``: its first byte,
+    type and flags)."""
+    t = topic.encode()
     head = _U16S.pack(len(t)) + t
-    if qos:
+    if (first >> 1) & 3:
         head += _U16S.pack(packet_id)
     if props is not None:
         head += props
-    return bytes((first,)) + encode_varint(len(head) + len(payload)) + head + payload
+    return bytes((first,)) + encode_varint(len(head) + size) + head
 
 
 def encode(packet: Packet, version: int = V5) -> bytes:
@@ -857,6 +863,7 @@ class MqttConnection(asyncio.Protocol):
         self._loop = loop
         self._connack_fut: asyncio.Future[Connack] = loop.create_future()
         self._out: list[bytes] = []
+        self._heads: dict[tuple[str, bool, bytes | None, int], bytes] = {}
         self._flush_scheduled = False
         self._requests: dict[int, asyncio.Future[list[int]]] = {}
         self._inflight: dict[int, _Pending] = {}
@@ -1085,6 +1092,7 @@ class MqttConnection(asyncio.Protocol):
         Waits only when the broker's receive maximum or the socket buffer is full."""
         out: list[asyncio.Future[int] | None] = []
         inflight = self._inflight
+        heads = self._heads
         for topic, payload, qos, retain, props in items:
             if self.closed:
                 raise ConnectionLost(f"connection lost: {self.close_reason}")
@@ -1092,7 +1100,18 @@ class MqttConnection(asyncio.Protocol):
                 self.flush()
                 await self._can_write.wait()
             if not qos:
-                self._send(encode_publish(topic, payload, 0, retain, props=props))
+                # A stream's QoS 0 packets differ in their payload alone: the head (fixed
+                # header, topic, properties) is encoded once per topic, flags, properties
+                # and payload size, and the payload is written as it is, not copied.
+                key = (topic, retain, props, len(payload))
+                head = heads.get(key)
+                if head is None:
+                    if len(heads) >= _CACHE_MAX:
+                        heads.clear()
+                    first = 0x31 if retain else 0x30
+                    head = heads[key] = _publish_head(topic, len(payload), first, 0, props)
+                self._send(head)
+                self._out.append(payload)
                 out.append(None)
                 continue
             while len(inflight) >= self.server_receive_max:

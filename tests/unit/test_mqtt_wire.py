@@ -357,3 +357,27 @@ async def test_acks_go_out_in_arrival_order_in_one_write() -> None:
     assert len(transport.writes) == 2
     await adapter.close()
     assert await anext(it, None) is None  # the route ends once the adapter is closed
+
+
+async def test_qos0_publishes_with_cached_heads_parse_back_the_same() -> None:
+    """QoS 0 heads are reused per topic, flags, properties and size: a stream of sizes,
+    retain flags and property blocks reads back exactly as published."""
+    conn = w.MqttConnection(version=w.V5, on_publish=lambda *_: None, on_lost=lambda *_: None)
+    transport = _Transport()
+    conn.transport = transport  # type: ignore[assignment]
+    props = w.encode_props({w.CONTENT_TYPE: "text/plain"})
+    items = [
+        (topic, payload, 0, retain, p)
+        for topic in ("a/b", "c")
+        for payload in (b"", b"x", b"y" * 127, b"z" * 128, b"w" * 20_000, b"x")
+        for retain in (False, True)
+        for p in (b"\x00", props)
+    ]
+    assert await conn.publish(items * 2) == [None] * (2 * len(items))
+    conn.flush()
+    got = w.Parser(w.V5).feed(b"".join(transport.writes))
+    want = [
+        w.Publish(t, b, 0, r, properties={} if p == b"\x00" else {w.CONTENT_TYPE: "text/plain"})
+        for t, b, _, r, p in items * 2
+    ]
+    assert got == want
