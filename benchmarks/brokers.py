@@ -24,6 +24,7 @@ class BenchMosquitto(Mosquitto):
         Path(conf).write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "max_inflight_messages 1000\nmax_queued_messages 1000000\nmax_queued_bytes 0\n"
+            "set_tcp_nodelay true\n"
         )
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         return [exe, "-c", conf]
