@@ -171,6 +171,7 @@ class MqttAdapter(Adapter):
         self._order: deque[_Inbound] = deque()
         self._routes: dict[int, _Route] = {}
         self._match_cache: dict[str, list[_Route]] = {}
+        self._by_props: dict[int, tuple[w.Props, list[_Route]]] = {}  # see _on_publish
         self._props_cache: PerHeaders[tuple[int | None, bytes]] = PerHeaders()
         self._shared_filters = False  # two routes subscribe to the same filter
         self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
@@ -403,6 +404,7 @@ class MqttAdapter(Adapter):
         self._routes[sid] = route
         self._note_shared_filters()
         self._match_cache.clear()
+        self._by_props.clear()
         try:
             self._adopt_orphans(route)
             if self._conn is not None and not self._conn.closed:
@@ -429,6 +431,7 @@ class MqttAdapter(Adapter):
         finally:
             del self._routes[sid]
             self._match_cache.clear()
+            self._by_props.clear()
             self._note_shared_filters()
             conn = self._conn
             # A filter another route still uses stays subscribed (it is one subscription).
@@ -497,8 +500,20 @@ class MqttAdapter(Adapter):
         single = next(iter(routes.values())) if len(routes) == 1 else None
         woken: set[_Route] = set()
         last: _Route | None = None
+        by_props = self._by_props
         for p in packets:
-            targets = self._targets(p, routes, single)
+            # Routes by property block: a broker gives a route's messages one shared block
+            # (its subscription identifier), so the lookup is done once per block.
+            props = p.properties
+            hit = by_props.get(id(props)) if props else None
+            if hit is not None and hit[0] is props:
+                targets = hit[1]
+            else:
+                targets = self._targets(p, routes, single)
+                if props and (props.get(w.SUBSCRIPTION_ID) and not self._shared_filters):
+                    if len(by_props) >= MATCH_CACHE:
+                        by_props.clear()
+                    by_props[id(props)] = (props, targets)
             inbound = None
             if p.qos:
                 inbound = _Inbound(p.packet_id, p.qos, len(targets) or 1, gen)
@@ -555,7 +570,7 @@ class MqttAdapter(Adapter):
         return found
 
     def _message(self, p: w.Publish) -> Message:
-        msg = Message(p.topic, p.payload, retain=p.retain)
+        msg = Message(p.topic, p.payload, None, None, None, None, None, None, None, p.retain)
         props = p.properties
         # A subscription identifier alone (what most messages carry) says nothing of the message.
         if props and (len(props) > 1 or w.SUBSCRIPTION_ID not in props):
