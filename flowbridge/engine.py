@@ -28,8 +28,8 @@ from typing import Any
 
 from flowbridge.adapters.base import (
     Adapter,
-    Delivery,
     Headers,
+    Incoming,
     Message,
     Options,
     PublishOutcome,
@@ -256,7 +256,7 @@ class RouteRunner:
             with contextlib.suppress(Exception):
                 await batches.aclose()
 
-    async def handle(self, batch: list[Delivery], stop: asyncio.Event | None = None) -> None:
+    async def handle(self, batch: Sequence[Incoming], stop: asyncio.Event | None = None) -> None:
         """Forward one batch; returns once every message is delivered or dead-lettered, then
         acks the batch."""
         st = self.stats
@@ -267,7 +267,9 @@ class RouteRunner:
         dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
         via = self.via
         # Checks most routes never need, decided once per batch.
-        screen = self.guard_echo or self.dollar_guard or self.envelope.mode != "off"
+        env_mode = self.envelope.mode
+        screen = self.guard_echo or self.dollar_guard or env_mode not in ("off", "auto")
+        auto = env_mode == "auto"  # the default: only a body that opens with '{' is looked at
         msgs: list[Message] = []  # what goes on to the targets, in batch order
         kept: list[int] | None = None  # their batch indices, once one was held back
         nbytes = 0
@@ -279,7 +281,8 @@ class RouteRunner:
                 st.echo_suppressed += 1
                 passed = None
             else:
-                passed = self._screen(i, m, dead) if screen else m
+                look = screen or (auto and m.payload.startswith(b"{"))
+                passed = self._screen(i, m, dead) if look else m
             if passed is None:
                 if kept is None:
                     kept = list(range(i))
@@ -531,7 +534,10 @@ class RouteRunner:
             return outcome
 
     async def _dead_letter(
-        self, batch: list[Delivery], dead: list[tuple[int, str, str]], stop: asyncio.Event | None
+        self,
+        batch: Sequence[Incoming],
+        dead: list[tuple[int, str, str]],
+        stop: asyncio.Event | None,
     ) -> None:
         now = time.time()
         for i, target, reason in dead:

@@ -24,7 +24,7 @@ from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from flowbridge.adapters import SCHEMES, adapter_class
-from flowbridge.adapters.base import Adapter, Backoff, Delivery, Message, Options, Subscription
+from flowbridge.adapters.base import Adapter, Backoff, Incoming, Message, Options, Subscription
 from flowbridge.envelope import (
     CONTENT_TYPE,
     PAYLOAD_TYPES,
@@ -352,7 +352,7 @@ class Listener:
         self.max_in_flight = max_in_flight
         self.max_size = max_size
         self.ready_timeout = ready_timeout
-        self._queue: asyncio.Queue[Delivery | BaseException] = asyncio.Queue(max_in_flight)
+        self._queue: asyncio.Queue[Incoming | BaseException] = asyncio.Queue(max_in_flight)
         self._pump: asyncio.Task[None] | None = None
         self._failure: Exception | None = None
 

@@ -1,7 +1,7 @@
 """The small contract every broker adapter implements.
 
 A source yields *batches* of deliveries (one await per batch, not per message); each delivery
-carries its own ack.  A target publishes batches and says, per message, what went wrong.
+carries its own ack, and a message that needs none is its own delivery.  A target publishes batches and says, per message, what went wrong.
 Adapters own their connection, reconnect with backoff and restore their subscriptions; they
 never import each other.
 """
@@ -71,6 +71,18 @@ class Message:
     key: bytes | None = None  # Kafka record key
     retain: bool = False  # MQTT retained flag
 
+    # A received message that needs no acknowledgement (core NATS, MQTT QoS 0, JetStream
+    # without acks) is its own delivery: sources hand it out as it is, one object less per
+    # message, and it reads as a Delivery with nothing to settle.
+    settler: ClassVar[None] = None
+
+    @property
+    def message(self) -> Message:
+        return self
+
+    def ack(self) -> None:
+        """Nothing to acknowledge."""
+
 
 class Settler(Protocol):
     """Whatever acknowledges deliveries to the broker; batches acks as it sees fit."""
@@ -94,6 +106,10 @@ class Delivery:
     def ack(self) -> None:
         if self.settler is not None:
             self.settler.ack(self.token)
+
+
+Incoming = Delivery | Message
+"""What a source hands out: a Delivery to acknowledge, or a Message that needs no ack."""
 
 
 class Options(BaseModel):
@@ -214,7 +230,7 @@ class Adapter(abc.ABC):
         """Flush pending acks and publishes, then disconnect.  Idempotent."""
 
     @abc.abstractmethod
-    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[Sequence[Incoming], None]:
         """Batches of deliveries for ``sub``, across reconnects, until ``close``."""
 
     @abc.abstractmethod
@@ -227,7 +243,7 @@ class Adapter(abc.ABC):
         (nothing of the batch is known to be delivered), ``PublishError(retriable=False)``
         never: per-message refusals are returned."""
 
-    async def drain(self, route: str) -> list[Delivery]:
+    async def drain(self, route: str) -> Sequence[Incoming]:
         """A route is stopping: stop fetching for it and return what its source received
         and has not handed out yet, which the route forwards and acks before it closes.
         Only sources whose broker would redeliver those out of order need this (JetStream);

@@ -182,11 +182,17 @@ def _text(value: bytes | None) -> str:
 def record_message(rec: ConsumerRecord[bytes, bytes]) -> Message:
     """A consumed record as a Message, named fields lifted out of the headers."""
     ts = rec.timestamp
+    value = rec.value
     msg = Message(
         rec.topic,
-        rec.value if rec.value is not None else b"",
-        key=rec.key,
-        timestamp=ts / 1000 if ts is not None and ts >= 0 else None,
+        value if value is not None else b"",
+        None,
+        None,
+        None,
+        None,
+        None,
+        ts / 1000 if ts is not None and ts >= 0 else None,
+        rec.key,
     )
     if rec.headers:
         rest: list[tuple[str, str]] = []
@@ -276,7 +282,8 @@ class _Source:
         part.commit_at = last + 1
         self.dirty.add(part)
         self.in_flight -= done
-        self.room.set()
+        if self.paused:  # only a paused fetch loop waits for room
+            self.room.set()
 
     async def open(self) -> AIOKafkaConsumer | None:
         a = self.adapter

@@ -31,6 +31,7 @@ from flowbridge.adapters.base import (
     ConnState,
     Delivery,
     Health,
+    Incoming,
     Message,
     Options,
     PerHeaders,
@@ -122,7 +123,7 @@ class _Route:
         self.qos = opts.qos
         self.retain_as_published = opts.retain_as_published
         self.filters = [f"$share/{sub.group}/{f}" if sub.group else f for f in sub.filters]
-        self.pending: list[Delivery] = []
+        self.pending: list[Incoming] = []
         self.unacked = 0  # received with QoS >= 1 and not acked (pending or handed out)
         self.handed = 0  # handed to the route and not acked: bounded by max_in_flight
         self.wake = asyncio.Event()
@@ -384,10 +385,10 @@ class MqttAdapter(Adapter):
 
     # ------------------------------------------------------------------ receiving
 
-    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Incoming], None]:
         return self._deliveries(sub)
 
-    async def _deliveries(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+    async def _deliveries(self, sub: Subscription) -> AsyncGenerator[list[Incoming], None]:
         opts = sub.options if isinstance(sub.options, MqttSourceOptions) else MqttSourceOptions()
         if sub.durable:
             if opts.qos == 0:
@@ -524,7 +525,7 @@ class MqttAdapter(Adapter):
             msg = self._message(p)
             for route in targets:
                 if inbound is None:
-                    route.pending.append(Delivery(msg))
+                    route.pending.append(msg)  # QoS 0: the message is its own delivery
                 else:
                     route.pending.append(Delivery(msg, route, inbound))
                     route.unacked += 1
@@ -608,7 +609,7 @@ class MqttAdapter(Adapter):
             msg = self._message(p)
             if inbound is None or inbound.gen != self._gen:
                 if inbound is None:
-                    route.pending.append(Delivery(msg))
+                    route.pending.append(msg)
                 continue  # a stale QoS 1/2 copy: the broker redelivers it
             route.pending.append(Delivery(msg, route, inbound))
             route.unacked += 1

@@ -35,6 +35,7 @@ from flowbridge.adapters.base import (
     ConnState,
     Delivery,
     Health,
+    Incoming,
     Message,
     Options,
     PerHeaders,
@@ -277,7 +278,7 @@ class _Batch:
     ) -> None:
         self.adapter = adapter
         self.route = route
-        self.items: list[Delivery] = []
+        self.items: list[Incoming] = []
         self.nbytes = 0
         self.max_msgs = max_msgs
         self.max_bytes = max_bytes
@@ -326,10 +327,10 @@ class _Batch:
             wire.decode_headers(hdr, msg)
         if not items:  # the route waits only on an empty buffer
             self.event.set()
-        items.append(Delivery(msg))
+        items.append(msg)  # nothing to acknowledge: the message is its own delivery
         self.nbytes += size
 
-    def take(self) -> list[Delivery]:
+    def take(self) -> list[Incoming]:
         items = self.items
         self.items = []
         self.nbytes = 0
@@ -439,11 +440,10 @@ class _PullConsumer:
         msg = Message(subject.decode("utf-8", "surrogateescape"), data)
         if hdr is not None:
             wire.decode_headers(hdr, msg)
+        delivery: Incoming = msg
         if self.explicit_ack and reply:
             self.unacked += 1
             delivery = Delivery(msg, self, reply)
-        else:
-            delivery = Delivery(msg)
         batch = self.batch
         # Cannot overflow while the server honours max_ack_pending; if it ever does, the
         # message is counted and JetStream redelivers it after ack_wait.
@@ -923,10 +923,10 @@ class NatsAdapter(Adapter):
 
     # ---- source -----------------------------------------------------------------------
 
-    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+    def subscribe(self, sub: Subscription) -> AsyncGenerator[list[Incoming], None]:
         return self._iterate(sub)
 
-    async def _iterate(self, sub: Subscription) -> AsyncGenerator[list[Delivery], None]:
+    async def _iterate(self, sub: Subscription) -> AsyncGenerator[list[Incoming], None]:
         nc = self._nc
         if nc is None:
             raise FlowbridgeError(f"broker {self.name}: subscribe before connect")
@@ -989,7 +989,7 @@ class NatsAdapter(Adapter):
             for spec in specs:
                 await self._unsub(spec)
 
-    async def drain(self, route: str) -> list[Delivery]:
+    async def drain(self, route: str) -> list[Incoming]:
         """Stop pulling for ``route`` and return what was pulled and not yet taken.
 
         JetStream would redeliver those only after ack_wait, behind newer messages, so a
