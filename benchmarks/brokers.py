@@ -88,3 +88,25 @@ class RabbitMQ(_Process):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # Run as root, the server script starts the VM as the rabbitmq user in a session of
+        # its own, out of reach of the group above: find it by its node name (epmd, which
+        # the first node may have started, serves every node on the machine and stays).
+        for vm in _pids_with_env(f"RABBITMQ_NODENAME={self.node}", but="epmd"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(os.getpgid(vm), signal.SIGKILL)
+
+
+def _pids_with_env(entry: str, but: str) -> list[int]:
+    """Processes whose environment holds ``entry`` (``NAME=value``), except those named
+    ``but``."""
+    want = entry.encode()
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (d / "comm").read_text().strip() == but:
+                continue
+            if want in (d / "environ").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+    return found
