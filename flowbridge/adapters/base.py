@@ -1,9 +1,9 @@
 """The small contract every broker adapter implements.
 
 A source yields *batches* of deliveries (one await per batch, not per message); each delivery
-carries its own ack, and a message that needs none is its own delivery.  A target publishes batches and says, per message, what went wrong.
-Adapters own their connection, reconnect with backoff and restore their subscriptions; they
-never import each other.
+carries its own ack, and a message that needs none is its own delivery.  A target publishes
+batches and says, per message, what went wrong.  Adapters own their connection, reconnect
+with backoff and restore their subscriptions; they never import each other.
 """
 
 from __future__ import annotations

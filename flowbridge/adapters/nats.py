@@ -177,9 +177,10 @@ class _Parser(Parser):
                     await nc._process_msg(sid, args[0], reply, data[start + hsize : stop], hdr)  # type: ignore[arg-type]
                     continue
                 entry = (handler, args[0], reply, size, hsize if hmsg else -1)
-                if len(known) >= _LINES_MAX:
-                    known.clear()
-                known[data[pos:eol]] = entry
+                if not extra:  # a reply subject (JetStream acks, inboxes) makes each line new
+                    if len(known) >= _LINES_MAX:
+                        known.clear()
+                    known[data[pos:eol]] = entry
             if entry is not None:
                 handler, subject, reply, size, hsize = entry
                 start = eol + 2
