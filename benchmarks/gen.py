@@ -16,6 +16,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import mmap
+import os
 import select
 import socket
 import struct
@@ -96,12 +98,51 @@ class Counter:
         return out
 
 
+class Progress:
+    """A subscriber's count of distinct messages, shared with its publisher through an 8-byte
+    file: a publisher given ``--window N`` stays at most N messages ahead of it, so a route
+    slower than the publisher is measured at the rate it sustains, not overrun (a source
+    without flow control, core NATS or MQTT QoS 0, would otherwise lose what no buffer
+    holds).  Without a file it does nothing."""
+
+    def __init__(self, path: str | None) -> None:
+        self.map: mmap.mmap | None = None
+        if path:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                if os.fstat(fd).st_size < 8:
+                    os.ftruncate(fd, 8)
+                self.map = mmap.mmap(fd, 8)
+            finally:
+                os.close(fd)
+
+    def set(self, n: int) -> None:
+        if self.map is not None:
+            struct.pack_into("<Q", self.map, 0, n)
+
+    def get(self) -> int:
+        return struct.unpack_from("<Q", self.map, 0)[0] if self.map is not None else 0
+
+    def gate(self, upto: int, window: int) -> None:
+        """Wait until sending up to message ``upto`` keeps within ``window`` of the
+        subscriber (0: no window)."""
+        if not window or self.map is None:
+            return
+        deadline = time.monotonic() + 30
+        while upto - self.get() > window and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
+
 class Stopper:
     """When a subscriber gives up: everything seen, ``idle`` s without news after the first
-    message, or ``first`` s without any message."""
+    message, or ``first`` s without any message.  Each check also publishes the count to
+    ``progress``."""
 
-    def __init__(self, c: Counter, idle: float, first: float) -> None:
+    def __init__(
+        self, c: Counter, idle: float, first: float, progress: Progress | None = None
+    ) -> None:
         self.c = c
+        self.progress = progress
         self.idle = idle
         self.start = time.monotonic()
         self.first = first
@@ -114,6 +155,8 @@ class Stopper:
         now = time.monotonic()
         if self.c.unique != self.last_unique:
             self.last_unique = self.c.unique
+            if self.progress is not None:
+                self.progress.set(self.c.unique)
             self.last_change = now
             return False
         if self.c.unique == 0:
@@ -166,7 +209,9 @@ def nats_pub(a: argparse.Namespace) -> dict[str, Any]:
     else:
         chunk = 2000 if a.size < 1000 else 100
         pad = b"x" * max(0, a.size - HEAD.size)
+        progress = Progress(a.progress)
         for start in range(0, a.count, chunk):
+            progress.gate(min(a.count, start + chunk), a.window)
             ts = time.monotonic_ns()
             s.sendall(
                 b"".join(
@@ -187,7 +232,7 @@ def nats_sub(a: argparse.Namespace) -> dict[str, Any]:
     _nats_wait_pong(s)
     ready()
     c = Counter(a.run, a.count, a.latency, a.need)
-    stop = Stopper(c, a.idle, a.first)
+    stop = Stopper(c, a.idle, a.first, Progress(a.progress))
     buf = bytearray()
     s.settimeout(0.2)
     while not stop.stop():
@@ -329,9 +374,11 @@ def mqtt_pub(a: argparse.Namespace) -> dict[str, Any]:
     else:
         pad = b"x" * max(0, a.size - HEAD.size)
         chunk = 500 if a.size < 1000 else 50
+        progress = Progress(a.progress)
         seq = 0
         while seq < a.count:
             room = min(chunk, a.count - seq)
+            progress.gate(seq + room, a.window)
             if a.qos:
                 while outstanding + room > window:
                     read_acks(5.0)
@@ -375,7 +422,7 @@ def mqtt_sub(a: argparse.Namespace) -> dict[str, Any]:
             break
     ready()
     c = Counter(a.run, a.count, a.latency, a.need)
-    stop = Stopper(c, a.idle, a.first)
+    stop = Stopper(c, a.idle, a.first, Progress(a.progress))
     s.settimeout(0.2)
     while not stop.stop():
         try:
@@ -480,7 +527,7 @@ async def kafka_sub(a: argparse.Namespace) -> dict[str, Any]:
             await cons.position(tp)
         ready()
         c = Counter(a.run, a.count, a.latency, a.need)
-        stop = Stopper(c, a.idle, a.first)
+        stop = Stopper(c, a.idle, a.first, Progress(a.progress))
         while not stop.stop():
             batch = await cons.getmany(timeout_ms=100, max_records=20000)
             now = time.monotonic_ns()
@@ -577,7 +624,9 @@ def amqp_pub(a: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         chunk = 1000 if a.size < 1000 else 50
+        progress = Progress(a.progress)
         for start in range(0, a.count, chunk):
+            progress.gate(min(a.count, start + chunk), a.window)
             ts = time.monotonic_ns()
             conn.s.sendall(
                 b"".join(
@@ -603,7 +652,7 @@ def amqp_sub(a: argparse.Namespace) -> dict[str, Any]:
     s = conn.s
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     c = Counter(a.run, a.count, a.latency, a.need)
-    stop = Stopper(c, a.idle, a.first)
+    stop = Stopper(c, a.idle, a.first, Progress(a.progress))
     buf = bytearray(conn.buf)
     body_next = False  # the next body frame starts a message (its first bytes: our head)
     s.settimeout(0.2)
@@ -663,6 +712,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first", type=float, default=20.0)
     ap.add_argument("--from-start", action="store_true")
     ap.add_argument("--need", type=int, default=0, help="stop after this many (default: count)")
+    ap.add_argument("--progress", help="file the subscriber writes its count to")
+    ap.add_argument("--window", type=int, default=0, help="publisher: at most this many ahead")
     a = ap.parse_args(argv)
     sync = {("nats", "pub"): nats_pub, ("nats", "sub"): nats_sub}
     sync |= {("mqtt", "pub"): mqtt_pub, ("mqtt", "sub"): mqtt_sub}

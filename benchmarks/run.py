@@ -630,6 +630,7 @@ class Plan:
     peer: bool
     only: list[str]
     repeat: int = 1
+    mode: str | None = None  # only this delivery mode
 
 
 def median_run(runs: list[Result]) -> Result:
@@ -641,9 +642,35 @@ def median_run(runs: list[Result]) -> Result:
     return chosen
 
 
-def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir: Path) -> Result:
+# A throughput run should last about this long: at 200k msg/s a run of 50,000 messages took
+# a quarter of a second, and two runs of one bridge differed by 30%.
+WINDOW_S = 2.0
+# How far a publisher may run ahead of its subscriber through a bridge: 20,000 messages of
+# 100 B, 1,638 of 10 KB.  Far more than a route needs in flight to run at full speed (a
+# millisecond's worth is a few hundred), well within what each bridge buffers.
+WINDOW_MSGS = 20_000
+WINDOW_BYTES = 16 << 20
+
+
+def bridged_count(plan: Plan, size: int, direct: Result) -> int:
+    """Messages per bridged throughput run: about ``WINDOW_S`` at the direct rate, within an
+    eighth of the size's count and the count itself."""
+    cap = plan.counts[size]
+    return max(cap // 8, min(cap, round((direct.msgs_per_s or 0.0) * WINDOW_S)))
+
+
+def measure(
+    plan: Plan,
+    b: Brokers,
+    case: Case,
+    *,
+    size: int,
+    impl: str,
+    workdir: Path,
+    count: int | None = None,
+) -> Result:
     url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
-    n = plan.counts[size]
+    n = count or plan.counts[size]
     res = Result(case.name, case.mode, size, impl, count=n)
     if impl == "mq-bridge":
         res.note = case.peer_note
@@ -653,6 +680,7 @@ def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir
         kafka_create(b, src.topic)
     bridge: Bridge | None = None
     run = uuid.uuid4().hex[:8]
+    progress = workdir / f"progress-{run}"
     try:
         for step in case.setup if impl != "direct" else []:
             step()
@@ -675,13 +703,30 @@ def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir
                 idle=3.0,
                 first=45.0,
                 from_start=impl == "direct" and case.prefill,
+                progress=progress,
             )
         )
         try:
+            # Through a bridge the publisher stays within a window of the subscriber: the
+            # rate is what the route sustains with nothing lost (bursts are their own suite).
+            # Direct, it runs free: its rate there is the generators' own ceiling.
+            window = 0 if impl == "direct" else min(WINDOW_MSGS, WINDOW_BYTES // size)
             pub = (
                 None
                 if case.prefill
-                else run_pub(gen("pub", src, url[src.proto], run, n, size=size), 180)
+                else run_pub(
+                    gen(
+                        "pub",
+                        src,
+                        url[src.proto],
+                        run,
+                        n,
+                        size=size,
+                        progress=progress,
+                        window=window,
+                    ),
+                    180,
+                )
             )
             got = sub.result(240)
         finally:
@@ -724,6 +769,7 @@ def measure(plan: Plan, b: Brokers, case: Case, *, size: int, impl: str, workdir
         if bridge is not None:
             bridge.stop()
             res.rss_mb = bridge.sampler.hwm_kb / 1024 or None
+        progress.unlink(missing_ok=True)
     return res
 
 
@@ -790,20 +836,27 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="run cases (or the burst / scale-out suites) whose name contains",
     )
+    ap.add_argument("--mode", choices=["at-most-once", "at-least-once"], help="only this mode")
+    ap.add_argument("--size", type=int, choices=[100, 10_240], help="only this payload size")
     ap.add_argument("--no-peer", action="store_true", help="skip mq-bridge")
-    ap.add_argument("--count", type=int, help="messages per throughput run (100 B)")
+    ap.add_argument(
+        "--count",
+        type=int,
+        help="messages per direct run, 100 B (bridged: ~2 s at the direct rate, at most this)",
+    )
     ap.add_argument(
         "--repeat", type=int, help="runs per bridge and case, median reported (quick: 3, else 1)"
     )
     args = ap.parse_args(argv)
     plan = Plan(
         quick=args.quick,
-        counts={100: args.count or (20_000 if args.quick else 50_000), 10_240: 5_000},
+        counts={100: args.count or (200_000 if args.quick else 400_000), 10_240: 20_000},
         lat_count=2_000 if args.quick else 3_000,
-        sizes=(100,) if args.quick else (100, 10_240),
+        sizes=(args.size,) if args.size else (100,) if args.quick else (100, 10_240),
         peer=not args.no_peer,
         only=args.only,
         repeat=max(1, args.repeat or (3 if args.quick else 1)),
+        mode=args.mode,
     )
     peer_ok = ""
     if plan.peer:
@@ -828,6 +881,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if plan.only and not any(o.lower() in case.name.lower() for o in plan.only):
                     continue
+                if plan.mode and case.mode != plan.mode:
+                    continue
                 say(f"{case.name} {case.mode} {size} B")
                 key = (case.pub.proto, case.pub.qos, size, case.prefill)
                 if key not in direct:
@@ -841,9 +896,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Repeats alternate the bridges, so both see the same moments of a noisy
                 # machine; each reports its median run.
                 runs: dict[str, list[Result]] = {impl: [] for impl in impls}
+                n = bridged_count(plan, size, direct[key])
                 for _ in range(plan.repeat):
                     for impl in impls:
-                        r = measure(plan, b, case, size=size, impl=impl, workdir=workdir)
+                        r = measure(plan, b, case, size=size, impl=impl, workdir=workdir, count=n)
                         runs[impl].append(r)
                         say(line(r))
                 for impl in impls:
