@@ -377,7 +377,11 @@ def cases(b: Brokers, size: int) -> list[Case]:
                             "url": b.kafka,
                             "topic": f"bench.{t}",
                             "group_id": f"p{t}",
-                            "consumer_options": [["auto.offset.reset", "earliest"]],
+                            # The fetch wait of the direct subscriber and flowbridge.
+                            "consumer_options": [
+                                ["auto.offset.reset", "earliest"],
+                                ["fetch.wait.max.ms", "5"],
+                            ],
                         }
                     },
                     "output": {"nats": nats_out},
