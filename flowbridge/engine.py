@@ -273,15 +273,21 @@ class RouteRunner:
         msgs: list[Message] = []  # what goes on to the targets, in batch order
         kept: list[int] | None = None  # their batch indices, once one was held back
         nbytes = 0
+        acks = False  # whether any delivery has an ack (a message alone has none)
         for i, d in enumerate(batch):
-            m = d.message
-            nbytes += len(m.payload)
+            if type(d) is Message:
+                m = d
+            else:
+                m = d.message
+                acks = True
+            payload = m.payload
+            nbytes += len(payload)
             headers = m.headers
             if headers is not None and (VIA, via + m.topic) in headers:
                 st.echo_suppressed += 1
                 passed = None
             else:
-                look = screen or (auto and m.payload.startswith(b"{"))
+                look = screen or (auto and payload and payload[0] == 123)  # '{'
                 passed = self._screen(i, m, dead) if look else m
             if passed is None:
                 if kept is None:
@@ -304,8 +310,9 @@ class RouteRunner:
             await asyncio.gather(*sends)
         if dead:
             await self._dead_letter(batch, dead, stop)
-        for d in batch:
-            d.ack()
+        if acks:
+            for d in batch:
+                d.ack()
         st.in_flight = 0
         st.observe(time.monotonic() - started, n)
 
@@ -344,29 +351,36 @@ class RouteRunner:
         protocol = self.protocol
         cross = t.spec.protocol != protocol
         envelopes = self.envelope.mode != "off"
+        # A batch is mostly runs of one topic: its plan is looked up once per run.
+        last: str | None = None
+        name = ""
+        own: Headers = []
+        key: bytes | None = None
         for k, m in enumerate(msgs):
             topic = m.topic
-            plan = plans.get(topic)
-            if plan is None:
-                try:
-                    plan = self._plan(t, topic)
-                except TopicError as exc:
-                    i = kept[k] if kept is not None else k
-                    dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
-                    if index is None:
-                        index = kept[:k] if kept is not None else list(range(k))
-                    continue
-            if not carries:
-                out.append(Message(plan[0], m.payload, None, retain=m.retain))
-            else:
+            if topic is not last:
+                plan = plans.get(topic)
+                if plan is None:
+                    try:
+                        plan = self._plan(t, topic)
+                    except TopicError as exc:
+                        i = kept[k] if kept is not None else k
+                        dead.append((i, t.spec.broker, f"topic not representable: {exc}"))
+                        if index is None:
+                            index = kept[:k] if kept is not None else list(range(k))
+                        last = None
+                        continue
+                last = topic
                 name, own, key = plan
+            if not carries:
+                out.append(Message(name, m.payload, None, retain=m.retain))
+            else:
                 headers = m.headers
                 reply = m.reply_to
                 payload = m.payload
-                if headers:
-                    own = [*(h for h in headers if h[0] not in _OWN), *own]
-                # else: the message shares the plan's list: adapters never change a message's
-                # headers, and can cache their encoding.
+                # A message without headers shares the plan's list: adapters never change a
+                # message's headers, and can cache their encoding.
+                mine = own if not headers else [*(h for h in headers if h[0] not in _OWN), *own]
                 if reply is not None and cross:
                     reply = self._reply_name(reply, t.spec.protocol)
                     if envelopes and looks_like_envelope(payload):
@@ -375,7 +389,7 @@ class RouteRunner:
                     Message(
                         name,
                         payload,
-                        own,
+                        mine,
                         m.content_type,
                         m.correlation_id,
                         reply,

@@ -1145,12 +1145,19 @@ class NatsAdapter(Adapter):
         out = bytearray()
         n = len(messages)
         heads = self._heads
-        cache = heads._entries
+        # The common case: a topic's messages share one header list (the engine's) and carry
+        # nothing else, so a frame is a cached head, the size, the cached header block and
+        # the payload.  The current run's head is kept here, and its frame prefix (head, size,
+        # block) per payload size: a stream's sizes repeat.
+        run: list[Any] | None = None  # the header list of the run
+        topic = ""
+        prefixes: dict[int, bytes] = {}
+        head = block = b""
+        hlen = 0
+        crlf = wire.CRLF
         for i, m in enumerate(messages):
             payload = m.payload
             headers = m.headers
-            # The common case: a topic's messages share one header list (the engine's) and
-            # carry nothing else, so the frame's head is cached with it.
             plain = (
                 headers is not None
                 and m.reply_to is None
@@ -1159,35 +1166,38 @@ class NatsAdapter(Adapter):
                 and m.message_id is None
                 and m.timestamp is None
             )
-            if plain:
-                entry = cache.get(id(headers))
-                cached = entry[1] if entry is not None and entry[0] is headers else None
+            if plain and (headers is not run or m.topic != topic):
+                cached = heads.get(headers)  # type: ignore[arg-type]
                 if cached is not None and cached[0] == m.topic:
-                    _, head, block, hlen = cached
-                    if hlen + len(payload) <= limit:
-                        if len(payload) < _BIG:
-                            out += b"%s%d%s%s\r\n" % (head, hlen + len(payload), block, payload)
-                            if len(out) >= _CHUNK:
-                                await nc._send_command(_frames(out))
-                                out = bytearray()
-                            continue
-                        out += head
-                        out += str(hlen + len(payload)).encode()
-                        out += block
-                        if len(payload) >= _BIG:
-                            # Handed to the socket as it is, no copy into the frame block;
-                            # all parts at once, so a write never ends inside a frame.
-                            _queue(nc, _frames(out), payload, wire.CRLF)
-                            out = bytearray()
-                            if nc._pending_data_size > nc._max_pending_size:
-                                await nc._flush_pending(force_flush=True)
-                            continue
+                    topic, head, block, hlen = cached
+                    run = headers
+                    prefixes = {}
+                else:
+                    run = None
+            if plain and headers is run:
+                size = hlen + len(payload)
+                if size <= limit:
+                    if len(payload) < _BIG:
+                        prefix = prefixes.get(size)
+                        if prefix is None:
+                            prefix = prefixes[size] = b"%s%d%s" % (head, size, block)
+                        out += prefix
                         out += payload
-                        out += wire.CRLF
+                        out += crlf
                         if len(out) >= _CHUNK:
                             await nc._send_command(_frames(out))
                             out = bytearray()
                         continue
+                    out += head
+                    out += str(size).encode()
+                    out += block
+                    # Handed to the socket as it is, no copy into the frame block; all
+                    # parts at once, so a write never ends inside a frame.
+                    _queue(nc, _frames(out), payload, crlf)
+                    out = bytearray()
+                    if nc._pending_data_size > nc._max_pending_size:
+                        await nc._flush_pending(force_flush=True)
+                    continue
             try:
                 subject = self._subject(m.topic)
                 reply = b""
@@ -1210,7 +1220,7 @@ class NatsAdapter(Adapter):
                     (
                         m.topic,
                         b"HPUB %s %d " % (subject, len(hdr)),
-                        wire.CRLF + hdr,
+                        crlf + hdr,
                         len(hdr),
                     ),
                 )
