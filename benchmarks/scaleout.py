@@ -3,7 +3,8 @@
 The same route run by one flowbridge process, then by two processes sharing it through the
 route's ``group`` (NATS sources join one queue group, MQTT sources one shared subscription,
 ``$share/GROUP/...``), in the same run against the same brokers.  Each time the publisher
-sends a block as fast as it can; msg/s at the subscriber (distinct sequence numbers),
+sends a block as fast as the route takes it (at most ``WINDOW`` messages ahead of the
+subscriber, as in the throughput runs); msg/s at the subscriber (distinct sequence numbers),
 delivered, duplicates, how the messages split between the processes, and the ratio of the
 two rates.  Each process has its own NATS connection name and MQTT client id, as a real
 deployment's replicas would.
@@ -20,7 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.burst import HttpBridge
-from benchmarks.run import ROOT, Brokers, End, Plan, Sub, _fmt, gen, run_pub, say
+from benchmarks.run import (
+    ROOT,
+    WINDOW_MSGS,
+    Brokers,
+    End,
+    Plan,
+    Sub,
+    _fmt,
+    gen,
+    run_pub,
+    say,
+)
 
 SIZE = 100
 
@@ -122,12 +134,37 @@ def measure_scale(
         cpu0 = [br.cpu_seconds() for br in bridges]
         t0 = time.monotonic()
         run = uuid.uuid4().hex[:8]
-        sub = Sub(gen("sub", case.sub, _url(b, case.sub), run, count, idle=3.0, first=40.0))
+        progress = workdir / f"progress-{run}"
+        sub = Sub(
+            gen(
+                "sub",
+                case.sub,
+                _url(b, case.sub),
+                run,
+                count,
+                idle=3.0,
+                first=40.0,
+                progress=progress,
+            )
+        )
         try:
-            pub = run_pub(gen("pub", case.pub, _url(b, case.pub), run, count, size=SIZE), 120)
+            pub = run_pub(
+                gen(
+                    "pub",
+                    case.pub,
+                    _url(b, case.pub),
+                    run,
+                    count,
+                    size=SIZE,
+                    progress=progress,
+                    window=WINDOW_MSGS,
+                ),
+                120,
+            )
             got = sub.result(240)
         finally:
             sub.kill()
+            progress.unlink(missing_ok=True)
         wall = time.monotonic() - t0
         res.cpu_pct = [
             100 * (br.cpu_seconds() - c) / wall for br, c in zip(bridges, cpu0, strict=True)
