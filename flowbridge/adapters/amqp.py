@@ -39,7 +39,7 @@ import json
 import secrets
 import struct
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from decimal import Decimal
 from itertools import count
 from typing import Any, ClassVar
@@ -56,6 +56,7 @@ from pamqp.header import ContentHeader
 from pydantic import Field, model_validator
 from yarl import URL
 
+from flowbridge.adapters._amqp_wire import DeliverHandler, TransportFactory
 from flowbridge.adapters._rpc import PendingReplies
 from flowbridge.adapters.base import (
     Adapter,
@@ -365,18 +366,15 @@ class _ChannelLost(Exception):
         self.refused = refused
 
 
-DeliverHandler = Callable[[spec.Basic.Deliver, spec.Basic.Properties, bytes], None]
-
-
 class _Channel(Channel):
     """An aiormq channel that settles confirms, returns and deliveries without a task or
-    future per message."""
+    future per message (deliveries come straight from ``_amqp_wire.FrameReceiver``)."""
 
     def __init__(
         self, conn: aiormq.Connection, number: int, *, confirms: bool, on_deliver: DeliverHandler
     ) -> None:
         super().__init__(conn, number, publisher_confirms=confirms, frame_buffer=64)
-        self.on_deliver = on_deliver
+        self.fb_deliver = on_deliver
         self.next_tag = 1
         self.pending: dict[int, tuple[_Batch, int]] = {}
         self.order: deque[int] = deque()
@@ -420,7 +418,7 @@ class _Channel(Channel):
     async def _on_deliver_frame(self, frame: spec.Basic.Deliver) -> None:
         header = await self._read_content_header()
         body = await self._read_body(header.body_size)
-        self.on_deliver(frame, header.properties, body)
+        self.fb_deliver(frame.delivery_tag or 0, frame.routing_key or "", header.properties, body)
 
     async def _on_confirm_frame(
         self, frame: spec.Basic.Ack | spec.Basic.Nack | spec.Basic.Reject
@@ -492,7 +490,7 @@ def _as_request(msg: Message, cid: str) -> Message:
 
 
 async def _consumer_placeholder(_: Any) -> None:
-    """aiormq wants a consumer callback; deliveries go to ``_Channel.on_deliver``."""
+    """aiormq wants a consumer callback; deliveries go to ``_Channel.fb_deliver``."""
 
 
 async def _put(channel: _Channel, frame: ChannelFrame) -> None:
@@ -663,12 +661,10 @@ class _Consumer:
                     self._ack_loop(), name=f"amqp-acks-{self.adapter.name}-{sub.route}"
                 )
 
-    def _deliver(
-        self, frame: spec.Basic.Deliver, props: spec.Basic.Properties, body: bytes
-    ) -> None:
-        msg = decode_message(frame.routing_key or "", props, body)
+    def _deliver(self, tag: int, key: str, props: spec.Basic.Properties, body: bytes) -> None:
+        msg = decode_message(key, props, body)
         settler = self.acks if self.sub.durable else None
-        self.ready.append(Delivery(msg, settler, frame.delivery_tag))
+        self.ready.append(Delivery(msg, settler, tag))
         self.wakeup.set()
 
     def _cancelled(self, _frame: Any) -> None:
@@ -922,11 +918,14 @@ class AmqpAdapter(Adapter):
         # With tls settings of our own (not those of amqps:// alone, where aiormq's URL
         # query options such as cafile keep working), a fresh context per connection.
         context = None if self.security.tls is None else self.security.tls.context()
+        transport = TransportFactory(tls=URL(self._conn_url).scheme == "amqps")
         conn = aiormq.Connection(
             self._conn_url,
             client_properties={"connection_name": self.connection_name},
             context=context,
+            transport_factory=transport,
         )
+        transport.connection = conn
         try:
             async with asyncio.timeout(self.opts.connect_timeout):
                 await conn.connect()
@@ -1348,9 +1347,7 @@ class AmqpAdapter(Adapter):
             self.security.scrub(str(ch._close_exception or "closed")),
         )
 
-    def _on_reply(
-        self, frame: spec.Basic.Deliver, props: spec.Basic.Properties, body: bytes
-    ) -> None:
+    def _on_reply(self, _tag: int, _key: str, props: spec.Basic.Properties, body: bytes) -> None:
         cid = props.correlation_id
         entry = self._rpc.take(cid) if cid is not None else None
         if entry is None:
