@@ -66,6 +66,7 @@ from flowbridge.adapters.base import (
     Health,
     Message,
     Options,
+    PerHeaders,
     PublishOutcome,
     Subscription,
 )
@@ -153,6 +154,7 @@ _FLAG_TIMESTAMP = 0x0040
 _frame_head = struct.Struct(">BHI").pack
 _header_head = struct.Struct(">HHQH").pack  # class, weight, body size, property flags
 _u64 = struct.Struct(">Q").pack
+_CACHE_MAX = 4096  # method frames remembered (one per channel, exchange and topic)
 
 
 def _shortstr(value: str, what: str) -> bytes:
@@ -221,6 +223,52 @@ def _properties(msg: Message, delivery_mode: int) -> tuple[int, bytes]:
     return flags, b"".join(parts)
 
 
+class PublishCache:
+    """What the publishes of a stream repeat, encoded once: each topic's method frame, and
+    the properties of a header list many messages share (a route gives all messages of a
+    topic one list) when they carry nothing else."""
+
+    __slots__ = ("methods", "props")
+
+    def __init__(self) -> None:
+        self.methods: dict[tuple[int, bytes, str, bool], bytes] = {}
+        self.props: PerHeaders[tuple[int, int, bytes]] = PerHeaders()
+
+    def method(self, channel: int, exchange: bytes, topic: str, mandatory: bool) -> bytes:
+        key = (channel, exchange, topic, mandatory)
+        frame = self.methods.get(key)
+        if frame is None:
+            method = (
+                _PUBLISH_METHOD
+                + exchange
+                + _shortstr(topic, "routing key")
+                + (b"\x01" if mandatory else b"\x00")
+            )
+            frame = _frame_head(1, channel, len(method)) + method + _FRAME_END
+            if len(self.methods) >= _CACHE_MAX:
+                self.methods.clear()
+            self.methods[key] = frame
+        return frame
+
+    def properties(self, msg: Message, delivery_mode: int) -> tuple[int, bytes]:
+        h = msg.headers
+        if (
+            h is None
+            or msg.content_type is not None
+            or msg.correlation_id is not None
+            or msg.reply_to is not None
+            or msg.message_id is not None
+            or msg.timestamp is not None
+        ):
+            return _properties(msg, delivery_mode)
+        hit = self.props.get(h)
+        if hit is not None and hit[0] == delivery_mode:
+            return hit[1], hit[2]
+        flags, props = _properties(msg, delivery_mode)
+        self.props.put(h, (delivery_mode, flags, props))
+        return flags, props
+
+
 def encode_publish(
     msg: Message,
     channel: int,
@@ -229,25 +277,19 @@ def encode_publish(
     mandatory: bool,
     delivery_mode: int,
     frame_body_max: int,
+    cache: PublishCache | None = None,
 ) -> bytes:
     """The wire frames of one basic.publish: method, content header, body frames.
 
     ``exchange`` is the exchange as an encoded short string.  Raises PublishError for a
     message AMQP cannot carry.
     """
-    method = (
-        _PUBLISH_METHOD
-        + exchange
-        + _shortstr(msg.topic, "routing key")
-        + (b"\x01" if mandatory else b"\x00")
-    )
+    cache = cache or PublishCache()
     payload = msg.payload
-    flags, props = _properties(msg, delivery_mode)
+    flags, props = cache.properties(msg, delivery_mode)
     header = _header_head(60, 0, len(payload), flags) + props
     out = [
-        _frame_head(1, channel, len(method)),
-        method,
-        _FRAME_END,
+        cache.method(channel, exchange, msg.topic, mandatory),
         _frame_head(2, channel, len(header)),
         header,
         _FRAME_END,
@@ -840,6 +882,7 @@ class AmqpAdapter(Adapter):
         self._rpc = PendingReplies(self.opts.rpc_max_pending)
         self._rpc_prefix = f"fb-{secrets.token_hex(4)}-"
         self._rpc_seq = count(1)
+        self._encoded = PublishCache()
         self._rpc_timer: asyncio.TimerHandle | None = None
         self._reply_sources: list[_Replies] = []
         self._logged: set[str] = set()
@@ -1221,6 +1264,7 @@ class AmqpAdapter(Adapter):
                             mandatory=mandatory,
                             delivery_mode=delivery_mode,
                             frame_body_max=body_max,
+                            cache=self._encoded,
                         )
                     except PublishError as exc:
                         results[i] = exc

@@ -15,6 +15,8 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from flowbridge.adapters._amqp_wire import FrameReceiver
+from flowbridge.adapters.amqp import PublishCache, encode_publish
+from flowbridge.adapters.base import Message
 
 
 class FastChannel:
@@ -156,3 +158,49 @@ async def test_other_connections_keep_aiormq_reading() -> None:
     rx = FrameReceiver(reader)
     _, channel, got = await rx.get_frame()
     assert (channel, got.name) == (1, "Basic.ConsumeOk")
+
+
+def decode_publish(data: bytes) -> list[tuple[int, Any]]:
+    frames = []
+    while data:
+        used, channel, frame = pamqp.frame.unmarshal(data)
+        frames.append((channel, frame))
+        data = data[used:]
+    return frames
+
+
+def test_publish_frames_are_the_same_from_the_cache() -> None:
+    """Encoded with a cache shared by the whole sequence, each publish decodes (pamqp) to
+    what the same message encoded alone decodes to: topics, header lists shared or not,
+    named properties, delivery modes and channels varied."""
+    shared = [("flowbridge-via", "b t"), ("x", "1"), ("x", "2")]
+    msgs = [
+        Message("a.b", b"one", shared),
+        Message("a.b", b"two", shared),
+        Message("a.c", b"three", shared),  # one list on two topics
+        Message("a.b", b"four", shared, content_type="text/plain"),
+        Message("a.b", b"five", shared, correlation_id=b"\xff\x00"),
+        Message("a.b", b"six", [("other", "list")]),
+        Message("a.b", b"", None, reply_to="r.1", message_id="m1", timestamp=1.0),
+        Message("a.b", b"seven", shared),
+    ]
+    cache = PublishCache()
+    for mode in (1, 2, 1):
+        for channel in (1, 7):
+            for mandatory in (False, True):
+                for m in msgs:
+                    kw: dict[str, Any] = {
+                        "exchange": b"\x09amq.topic",
+                        "mandatory": mandatory,
+                        "delivery_mode": mode,
+                        "frame_body_max": 4,
+                    }
+                    cached = encode_publish(m, channel, cache=cache, **kw)
+                    alone = encode_publish(m, channel, **kw)
+                    assert cached == alone
+                    got = decode_publish(cached)
+                    assert {ch for ch, _ in got} == {channel}
+                    publish, header = got[0][1], got[1][1]
+                    assert (publish.routing_key, publish.mandatory) == (m.topic, mandatory)
+                    assert header.properties.delivery_mode == mode
+                    assert b"".join(f.value for _, f in got[2:]) == m.payload
