@@ -228,8 +228,10 @@ def markdown(
     return (
         f"# flowbridge benchmark results\n\n"
         f"- command: `{meta['command']}`\n- date: {meta['date']}\n- machine: {meta['machine']}\n"
-        f"- peer: {meta['peer']}\n- throughput runs: {meta['counts']} messages per payload "
-        f"size; latency: {meta['latency']}\n"
+        f"- peer: {meta['peer']}\n- throughput runs: direct {meta['counts']} messages per "
+        "payload size, the publisher free; bridged about 2 s at the direct rate (the `count` "
+        "of each row in results.json), the publisher at most 20,000 messages or 16 MiB ahead "
+        f"of the subscriber; latency: {meta['latency']}\n"
         f"- runs per bridge and case: {meta.get('repeat', 1)} (the median run is reported; "
         "every run's rate is in results.json)\n"
         f"- wall time: {meta['elapsed_s']} s\n\n"

@@ -3,9 +3,11 @@
 Per case (direction, delivery, payload size) and per implementation (``direct``: the same
 publisher and subscriber on the source broker, no bridge; ``flowbridge``; ``mq-bridge``):
 
-1. throughput: a fixed number of messages as fast as the publisher can send (for a Kafka
-   source the topic is filled first and the bridge drains it); msg/s and MB/s at the
-   subscriber, percent delivered (distinct sequence numbers), duplicates;
+1. throughput: a fixed number of messages as fast as the route takes them (direct, the
+   publisher runs free; through a bridge, about 2 s worth, the publisher at most a window
+   ahead of the subscriber; for a Kafka source the topic is filled first and the bridge
+   drains it); msg/s and MB/s at the subscriber, percent delivered (distinct sequence
+   numbers), duplicates;
 2. latency: a fixed 1,000 msg/s, one-way latency from the timestamp in each payload;
 3. the bridge process's CPU (``/proc/PID/stat`` sampled during the throughput window) and
    peak RSS (``VmHWM``).
