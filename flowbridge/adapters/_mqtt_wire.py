@@ -584,6 +584,10 @@ class Parser:
         # property dicts are shared between packets and must not be changed.
         self._topics: dict[bytes, str] = {}
         self._props: dict[bytes, Props] = {}
+        # The last QoS 0 PUBLISH whose head can be reused (see ``feed``): its head (the bytes
+        # up to the payload), that head's length, the packet's size, topic, retain flag and
+        # (shared) properties.
+        self._head: tuple[bytes, int, int, str, bool, Props | None] = (b"", 0, 0, "", False, None)
 
     @property
     def buffered(self) -> int:
@@ -607,8 +611,17 @@ class Parser:
         v5 = self.version == V5
         topics = self._topics
         known = self._props
+        # A stream of QoS 0 messages of one topic and size repeats the same bytes up to the
+        # payload (fixed header, topic, short property block): such a packet is recognised
+        # by that head and split without decoding it again.
+        head, skip, total, last_topic, last_retain, last_props = self._head
         try:
             while size - pos >= 2:
+                if head and data.startswith(head, pos) and pos + total <= size:
+                    payload = data[pos + skip : pos + total]
+                    out.append(Publish(last_topic, payload, 0, last_retain, False, 0, last_props))
+                    pos += total
+                    continue
                 first = data[pos]
                 # Remaining length, inline: this loop runs once per packet.
                 length = shift = 0
@@ -679,9 +692,12 @@ class Parser:
                         r = _Reader(data, j, end)
                         props = r.props()
                         j = r.pos
-                out.append(
-                    Publish(topic, data[j:end], qos, bool(first & 1), bool(first & 8), pid, props)
-                )
+                retain = bool(first & 1)
+                out.append(Publish(topic, data[j:end], qos, retain, bool(first & 8), pid, props))
+                if not qos and (props is None or (plen < 0x80 and plen <= _SHORT_PROPS)):
+                    head, skip, total = data[pos:j], j - pos, end - pos
+                    last_topic, last_retain, last_props = topic, retain, props
+                    self._head = (head, skip, total, topic, retain, props)
                 pos = end
             return out
         finally:

@@ -502,19 +502,29 @@ class MqttAdapter(Adapter):
         woken: set[_Route] = set()
         last: _Route | None = None
         by_props = self._by_props
+        # The previous packet's shared property block, its routes and whether it says
+        # nothing of the message (a subscription identifier alone): a stream repeats it.
+        run: w.Props | None = None
+        targets: list[_Route] = []
+        bare = False
         for p in packets:
             # Routes by property block: a broker gives a route's messages one shared block
             # (its subscription identifier), so the lookup is done once per block.
             props = p.properties
-            hit = by_props.get(id(props)) if props else None
-            if hit is not None and hit[0] is props:
-                targets = hit[1]
-            else:
-                targets = self._targets(p, routes, single)
-                if props and (props.get(w.SUBSCRIPTION_ID) and not self._shared_filters):
-                    if len(by_props) >= MATCH_CACHE:
-                        by_props.clear()
-                    by_props[id(props)] = (props, targets)
+            if props is None or props is not run:
+                hit = by_props.get(id(props)) if props else None
+                if hit is not None and hit[0] is props:
+                    targets = hit[1]
+                    run = props
+                else:
+                    targets = self._targets(p, routes, single)
+                    run = None
+                    if props and (props.get(w.SUBSCRIPTION_ID) and not self._shared_filters):
+                        if len(by_props) >= MATCH_CACHE:
+                            by_props.clear()
+                        by_props[id(props)] = (props, targets)
+                        run = props
+                bare = not props or (len(props) == 1 and w.SUBSCRIPTION_ID in props)
             inbound = None
             if p.qos:
                 inbound = _Inbound(p.packet_id, p.qos, len(targets) or 1, gen)
@@ -522,7 +532,11 @@ class MqttAdapter(Adapter):
             if not targets:
                 self._orphans.append((time.monotonic(), p, inbound))
                 continue
-            msg = self._message(p)
+            msg = (
+                Message(p.topic, p.payload, None, None, None, None, None, None, None, p.retain)
+                if bare
+                else self._message(p)
+            )
             for route in targets:
                 if inbound is None:
                     route.pending.append(msg)  # QoS 0: the message is its own delivery

@@ -198,6 +198,42 @@ def test_repeated_topics_and_property_blocks_decode_the_same() -> None:
     assert parser.feed(w.encode(b)) == [b]
 
 
+@pytest.mark.parametrize("version", [w.V5, w.V311])
+def test_packets_repeating_a_head_split_anywhere(version: int) -> None:
+    """Runs of QoS 0 packets with the same topic and size share their head (the parser's
+    short cut); packets that differ only after it, or in flags, QoS or size, or that are
+    cut anywhere, decode as each one alone does."""
+    props: w.Props | None = {w.SUBSCRIPTION_ID: [3]} if version == w.V5 else None
+    long: w.Props | None = {w.USER_PROPERTY: [("k", "v" * 40)]} if version == w.V5 else None
+    packets = [
+        w.Publish("s/1", b"aaaa", 0, properties=props),
+        w.Publish("s/1", b"bbbb", 0, properties=props),
+        w.Publish("s/1", b"cccc", 0, retain=True, properties=props),
+        w.Publish("s/1", b"cccd", 0, retain=True, properties=props),
+        w.Publish("s/1", b"dddd", 0, properties=props),
+        w.Publish("s/1", b"eeeee", 0, properties=props),  # one byte longer
+        w.Publish("s/2", b"ffff", 0, properties=props),
+        w.Publish("s/1", b"gggg", 1, packet_id=7, properties=props),
+        w.Publish("s/1", b"hhhh", 0, properties=props),
+        w.Publish("s/1", b"iiii", 0, properties=long),
+        w.Publish("s/1", b"jjjj", 0, properties=long),
+        w.Publish("s/1", b"", 0, properties=props),
+    ]
+    if version == w.V311:
+        packets = [
+            w.Publish(p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id) for p in packets
+        ]
+    wire = [w.encode(p, version) for p in packets]
+    alone = [w.Parser(version).feed(b)[0] for b in wire]
+    stream = b"".join(wire)
+    assert w.Parser(version).feed(stream) == alone
+    for cut in range(1, len(stream)):
+        parser = w.Parser(version)
+        assert parser.feed(stream[:cut]) + parser.feed(stream[cut:]) == alone, cut
+    parser = w.Parser(version)
+    assert [q for k in range(len(stream)) for q in parser.feed(stream[k : k + 1])] == alone
+
+
 @pytest.mark.parametrize(
     ("n", "encoded"),
     [
