@@ -53,6 +53,7 @@ _ACK = b" 4\r\n+ACK\r\n"
 _CHUNK = 256 * 1024  # frame block size handed to nats-py's writer at once
 _CLOSE_FAILED_DIAL = 1.0  # seconds
 _MSG_OPS = (b"MSG ", b"HMSG ")
+_NO_ENTRY: tuple[Handler, bytes, bytes, int, int] = (lambda *_: None, b"", b"", 0, -1)
 _WRITE_NOW_MAX = 64 * 1024  # see _write_now
 _BIG = 8192  # payloads from this size on are written as they are, not copied into a block
 _MSG_OVERHEAD = 400  # bytes of Python objects per buffered message (Message, Delivery, ...)
@@ -137,7 +138,26 @@ class _Parser(Parser):
         starts = data.startswith
         end = len(data)
         pos = 0
+        # The last remembered control line with its CRLF, and its entry: consecutive messages
+        # of a stream usually repeat it, recognised in place without finding the line's end.
+        last = b""
+        handler, subject, reply, size, hsize = _NO_ENTRY
         while pos < end:
+            if last and starts(last, pos):
+                start = pos + len(last)
+                stop = start + size
+                if stop + 2 > end:
+                    break
+                pos = stop + 2
+                try:
+                    if hsize < 0:
+                        handler(subject, reply, data[start:stop], None)
+                    else:
+                        hdr = data[start : start + hsize]
+                        handler(subject, reply, data[start + hsize : stop], hdr)
+                except Exception as exc:  # never let it reach the read loop: it would reconnect
+                    nc.fb_errors(exc)
+                continue
             eol = find(b"\r\n", pos)
             if eol < 0:
                 if end - pos > MAX_CONTROL_LINE_SIZE:
@@ -160,8 +180,8 @@ class _Parser(Parser):
                         f"nats: malformed message line {data[pos:eol][:200]!r}"
                     )
                 reply = args[2] if extra else b""
-                handler = handlers.get(args[1])
-                if handler is None:
+                found = handlers.get(args[1])
+                if found is None:
                     start = eol + 2
                     stop = start + size
                     if stop + 2 > end:
@@ -172,17 +192,19 @@ class _Parser(Parser):
                         raise nats.errors.ProtocolError(
                             f"nats: malformed sid {args[1][:50]!r} in a message line"
                         ) from None
-                    hdr = data[start : start + hsize] if hmsg else None
+                    other = data[start : start + hsize] if hmsg else None
                     pos = stop + 2
-                    await nc._process_msg(sid, args[0], reply, data[start + hsize : stop], hdr)  # type: ignore[arg-type]
+                    last = b""  # the await lets subscriptions change
+                    await nc._process_msg(sid, args[0], reply, data[start + hsize : stop], other)  # type: ignore[arg-type]
                     continue
-                entry = (handler, args[0], reply, size, hsize if hmsg else -1)
+                entry = (found, args[0], reply, size, hsize if hmsg else -1)
                 if not extra:  # a reply subject (JetStream acks, inboxes) makes each line new
                     if len(known) >= _LINES_MAX:
                         known.clear()
                     known[data[pos:eol]] = entry
             if entry is not None:
                 handler, subject, reply, size, hsize = entry
+                last = data[pos : eol + 2] if not reply else b""
                 start = eol + 2
                 stop = start + size
                 if stop + 2 > end:
@@ -199,6 +221,7 @@ class _Parser(Parser):
                 continue
             line = data[pos:eol]
             pos = eol + 2
+            last = b""  # the awaits below let subscriptions change
             if line == b"PING":
                 await nc._process_ping()
             elif line == b"PONG":

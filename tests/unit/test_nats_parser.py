@@ -157,3 +157,34 @@ async def test_repeated_lines_follow_handler_changes() -> None:
         ("mine", b"a.b", b"", b"bye", None),
         ("other", 1, b"a.b", b"", b"hi", None),
     ]
+
+
+async def test_runs_of_one_line_split_anywhere() -> None:
+    """Consecutive frames repeating a control line are split by it in place; a line that
+    differs after the repeated one (size, subject, a reply, headers) or a frame cut anywhere
+    still decodes as the general path does."""
+    hdr = b"NATS/1.0\r\nA: 1\r\n\r\n"
+    frames = [
+        b"MSG s.1 1 3\r\nabc\r\n",
+        b"MSG s.1 1 3\r\ndef\r\n",
+        b"MSG s.1 1 3\r\nghi\r\n",
+        b"MSG s.1 1 4\r\njklm\r\n",
+        b"MSG s.1 1 3\r\nnop\r\n",
+        b"MSG s.1 1 r.x 3\r\nqrs\r\n",
+        b"MSG s.1 1 r.x 3\r\ntuv\r\n",
+        b"MSG s.1 1 3\r\nwxy\r\n",
+        b"HMSG s.2 1 %d %d\r\n%sz\r\n" % (len(hdr), len(hdr) + 1, hdr),
+        b"HMSG s.2 1 %d %d\r\n%sy\r\n" % (len(hdr), len(hdr) + 1, hdr),
+        b"MSG s.1 1 3\r\nMSG\r\n",
+        b"PING\r\n",
+        b"MSG s.1 1 3\r\nend\r\n",
+    ]
+    expected = []
+    for f in frames:
+        nc = FakeClient()
+        await _Parser(nc).parse(f)  # type: ignore[arg-type]
+        expected += nc.events
+    stream = b"".join(frames)
+    assert (await feed([stream])).events == expected
+    for cut in range(1, len(stream)):
+        assert (await feed([stream[:cut], stream[cut:]])).events == expected, cut
