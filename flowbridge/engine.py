@@ -224,7 +224,9 @@ class RouteRunner:
         waiting = [False]
 
         def interrupt(_: object) -> None:
-            if waiting[0]:
+            # Cancelling the wait would run the source iterator's cleanup before ``drain``
+            # could take what it holds: a source that can end the wait itself does.
+            if waiting[0] and not self.source.interrupt(self.name):
                 task.cancel(_STOP)
 
         stopping = asyncio.ensure_future(stop.wait())
@@ -243,7 +245,8 @@ class RouteRunner:
                     raise
                 finally:
                     waiting[0] = False
-                await self.handle(batch, stop)
+                if batch:
+                    await self.handle(batch, stop)
             if self.confirm:
                 # What the source already received goes out too, so a restart or reload
                 # resumes where this left off, in order.

@@ -243,6 +243,13 @@ class Adapter(abc.ABC):
         (nothing of the batch is known to be delivered), ``PublishError(retriable=False)``
         never: per-message refusals are returned."""
 
+    def interrupt(self, route: str) -> bool:
+        """A route is stopping while it waits for its next batch: make that wait end (with an
+        empty batch when nothing came) and keep the subscription, so ``drain`` still finds
+        what it holds.  False when the source cannot: the route then cancels its wait, which
+        ends the source's iterator."""
+        return False
+
     async def drain(self, route: str) -> Sequence[Incoming]:
         """A route is stopping: stop fetching for it and return what its source received
         and has not handed out yet, which the route forwards and acks before it closes.

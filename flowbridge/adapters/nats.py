@@ -282,6 +282,7 @@ class _Batch:
         "dropped",
         "drops",
         "event",
+        "interrupted",
         "items",
         "max_bytes",
         "max_msgs",
@@ -308,6 +309,7 @@ class _Batch:
         self.max_bytes = max_bytes
         self.event = asyncio.Event()
         self.closed = False
+        self.interrupted = False  # the route stops waiting: hand it an empty batch
         self.dropped = 0
         self.drops = drops  # the route's dropped counters
         self.taken: list[asyncio.Event] = []  # set when the route takes the buffer
@@ -997,12 +999,19 @@ class NatsAdapter(Adapter):
                     continue
                 if batch.closed:
                     return
+                if batch.interrupted:
+                    batch.interrupted = False
+                    yield []  # the route is stopping: back to it, the subscription kept
+                    continue
                 for consumer in consumers:
                     if consumer.task is not None and consumer.task.done():
                         consumer.task.result()  # a consumer that cannot work: say why
                 batch.event.clear()
                 await batch.event.wait()
         finally:
+            if batch.items and not sub.durable and batch.drops is not None:
+                # At-most-once: what the route never took is gone with it; counted.
+                batch.drops["route stopped"] += len(batch.items)
             batch.closed = True
             self._batches.remove(batch)
             for consumer in consumers:
@@ -1013,14 +1022,24 @@ class NatsAdapter(Adapter):
             for spec in specs:
                 await self._unsub(spec)
 
+    def interrupt(self, route: str) -> bool:
+        batch = next((b for b in self._batches if b.route == route), None)
+        if batch is None:
+            return False
+        batch.interrupted = True
+        batch.event.set()
+        return True
+
     async def drain(self, route: str) -> list[Incoming]:
         """Stop pulling for ``route`` and return what was pulled and not yet taken.
 
         JetStream would redeliver those only after ack_wait, behind newer messages, so a
         restart or reload would break per-subject order; a NAK does not help either (servers
         before 2.10 hand the first NAKed message to the pull request that is going away).
-        The pull inboxes are unsubscribed and the connection flushed first: once the PONG is
-        in, nothing more is on its way."""
+        No new pull request is made; the open one is let run to its end (its last message, or
+        the server's 408 when it expires), since what it delivered to an inbox already gone
+        would come back only after ack_wait too.  Then the pull inboxes are unsubscribed and
+        the connection flushed: once the PONG is in, nothing more is on its way."""
         batch = next((b for b in self._batches if b.route == route), None)
         consumers = [c for c in self._consumers if c.batch is batch and c.explicit_ack]
         nc = self._nc
@@ -1029,6 +1048,12 @@ class NatsAdapter(Adapter):
         for consumer in consumers:
             if consumer.task is not None:
                 consumer.task.cancel()
+        for c in consumers:
+            # on_msg and on_status wake a consumer when its request has ended.
+            while nc.is_connected and c.outstanding > 0 and time.monotonic() < c.deadline:
+                c.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(c.wake.wait(), 0.5)
         try:
             for consumer in consumers:
                 sub = nc._subs.get(consumer.spec.sid) if consumer.spec else None

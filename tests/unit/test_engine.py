@@ -6,6 +6,7 @@ import asyncio
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,10 +40,12 @@ class Running:
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
     running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
-    async def _start(yaml_text: str, mqtt311: bool = False) -> Running:
+    async def _start(
+        yaml_text: str, mqtt311: bool = False, registry: dict[str, Any] | None = None
+    ) -> Running:
         path = tmp_path / "m.yaml"
         path.write_text(textwrap.dedent(yaml_text))
-        registry = dict(REGISTRY)
+        registry = dict(registry or REGISTRY)
         if mqtt311:
             registry["mqtt"] = MemoryMqtt311
         bridge = Bridge(load([str(path)], environ={}, registry=registry))
@@ -388,3 +391,75 @@ routes:
     broker("core").deliver(Message("svc.time", b"?", reply_to="_INBOX.ab.c1"))
     await settle(lambda: len(broker("edge").published) == 1)
     assert broker("edge").published[0].reply_to == "_INBOX/ab/c1"
+
+
+class HoldingSource(MemoryNats):
+    """A source that, like a JetStream consumer, holds what it received until the route
+    takes it, and loses what it still holds once its iterator ends (the broker would hand
+    it out again only after ack_wait, behind newer messages)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.items: list[Message] = []
+        self.event = asyncio.Event()
+        self.interrupted = False
+        self.open = False
+        self.lost: list[Message] = []
+        self.drained: list[bool] = []  # whether the iterator was still open at each drain
+
+    async def subscribe(self, sub: Any) -> AsyncIterator[list[Any]]:  # type: ignore[override]
+        self.open = True
+        try:
+            while True:
+                if self.items:
+                    taken, self.items = self.items, []
+                    yield taken
+                    continue
+                if self.interrupted:
+                    self.interrupted = False
+                    yield []
+                    continue
+                self.event.clear()
+                await self.event.wait()
+        finally:
+            self.open = False
+            self.lost += self.items
+            self.items = []
+
+    def interrupt(self, route: str) -> bool:
+        self.interrupted = True
+        self.event.set()
+        return True
+
+    async def drain(self, route: str) -> list[Any]:
+        self.drained.append(self.open)
+        taken, self.items = self.items, []
+        return taken
+
+
+async def test_a_stop_while_waiting_leaves_the_source_open_for_drain(
+    start: Callable[..., Awaitable[Running]],
+) -> None:
+    """A route stopped while it waits asks its source to end the wait, so the source's
+    iterator is still open when ``drain`` takes what it holds, and that is forwarded
+    (cancelling the wait would end the iterator first, and what it held would be lost)."""
+    run = await start(
+        TWO
+        + """
+routes:
+  - name: up
+    from: {broker: core, filter: ">"}
+    to: [{broker: edge}]
+""",
+        registry={**REGISTRY, "nats": HoldingSource},
+    )
+    source = run.bridge.adapters["core"]
+    assert isinstance(source, HoldingSource)
+    await settle(lambda: source.open)
+    run.stop.set()
+    source.items.append(Message("a", b"held"))  # arrives as the route stops
+    await settle(lambda: source.drained != [])
+    assert source.drained == [True]
+    await settle(lambda: [m.payload for m in broker("edge").published] == [b"held"])
+    await settle(lambda: not source.open)
+    assert source.lost == []
