@@ -195,6 +195,37 @@ async def test_publish_batch_in_order_and_topic_created_with_partitions(
     assert [r.value for r in records] == [str(i).encode() for i in range(200)]
 
 
+async def test_one_record_calls_join_the_batch_waiting_for_the_partition(
+    kafka_url: str, unique: str
+) -> None:
+    """A route at a moderate rate hands over one record per call: those calls share the
+    partition's next produce request instead of waiting one round trip each; order holds
+    across calls sending record by record and calls sending a batch."""
+    topic = f"fb.coalesce.{unique}"
+    async with connected(kafka_url) as a:
+        assert await a.publish([Message(topic, b"first")], confirm=True) is None
+        assert a.producer is not None
+        client = a.producer.client
+        produce_requests = 0
+        send = client.send
+
+        async def counting(node_id: int, request: Any, **kw: Any) -> Any:
+            nonlocal produce_requests
+            produce_requests += type(request).__name__.startswith("ProduceRequest")
+            return await send(node_id, request, **kw)
+
+        client.send = counting  # type: ignore[method-assign]
+        runs = [[str(i).encode()] for i in range(40)]
+        runs[10] = [f"10.{j}".encode() for j in range(30)]  # one call over the small-run size
+        for run in runs:
+            assert await a.publish([Message(topic, v) for v in run], confirm=False) is None
+        assert await a.publish([Message(topic, b"last")], confirm=True) is None
+    expected = [b"first", *(v for run in runs for v in run), b"last"]
+    assert [r.value for r in await read(kafka_url, topic, len(expected))] == expected
+    # One request per call would be 41; a batch of our own waits for the one before it.
+    assert produce_requests <= 6, produce_requests
+
+
 async def test_unknown_topic_without_creation_refused_per_message(
     kafka_url: str, unique: str
 ) -> None:
