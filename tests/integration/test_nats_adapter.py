@@ -412,6 +412,31 @@ async def test_queue_group_shares_with_native_member(
     assert sorted(ours + theirs, key=int) == [b"%d" % i for i in range(n)]  # each exactly once
 
 
+async def test_core_messages_never_taken_are_counted_when_the_route_stops(
+    nats_url: str, nc: Client, unique: str
+) -> None:
+    """What a core NATS route received and never took is gone with it: counted, not silent."""
+    subject = f"stopping.{unique}"
+    a = await make_adapter(nats_url)
+    drops: collections.Counter[str] = collections.Counter()
+    try:
+        sub = Subscription("r", (subject,), durable=False, drops=drops)
+        it, _ = await started(a, sub, nc, subject)
+        await nc.publish(subject, b"sync")
+        async with asyncio.timeout(5):  # the route takes everything up to the sync message
+            while b"sync" not in [d.message.payload for d in await anext(it)]:
+                pass
+        for i in range(50):
+            await nc.publish(subject, b"%d" % i)
+        await nc.flush()
+        assert a._nc is not None
+        await a._nc.flush()  # its PONG comes after every message the server sent before it
+        await it.aclose()
+        assert drops == {"route stopped": 50}
+    finally:
+        await a.close()
+
+
 async def test_slow_consumer_drops_are_counted(nats_url: str, nc: Client, unique: str) -> None:
     subject = f"slow.{unique}"
     a = await make_adapter(nats_url, max_pending_msgs=10)
@@ -561,13 +586,13 @@ async def test_jetstream_source_drains_what_the_route_never_took(
         await js.publish(subject, b"late")
         await asyncio.sleep(0.3)
         assert not buffered.items  # the pull inbox is closed
-        await it.aclose()  # type: ignore[attr-defined]
+        await it.aclose()
         it = a.subscribe(sub)
         again = await collect(it, 1, within=5)  # far less than ack_wait: nothing is held
         assert [d.message.payload for d in again] == [b"late"]
         again[0].ack()
     finally:
-        await it.aclose()  # type: ignore[attr-defined]
+        await it.aclose()
         await a.close()
 
 
