@@ -1,6 +1,7 @@
-"""The suites beside the per-case table: bursts and memory (``burst.py``) and scale-out
-(``scaleout.py``).  They run on a full run, or when ``--only`` names them (``--only burst``,
-``--only scale``; with ``--quick``, their quick variants)."""
+"""The suites beside the per-case table: bursts and memory (``burst.py``), scale-out
+(``scaleout.py``) and latency into Kafka (``kafka_latency.py``).  They run on a full run, or
+when ``--only`` names them (``--only burst``, ``--only scale``, ``--only kafka-latency``; with
+``--quick``, their quick variants)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import burst, scaleout
+from benchmarks import burst, kafka_latency, scaleout
 from benchmarks.run import Brokers, Plan
 
 Rows = list[dict[str, Any]]
@@ -17,6 +18,7 @@ Rows = list[dict[str, Any]]
 SUITES: dict[str, tuple[Callable[[Plan, Brokers, Path], list[Any]], Callable[[Rows], str]]] = {
     "burst": (burst.run_burst, burst.markdown),
     "scale-out": (scaleout.run_scaleout, scaleout.markdown),
+    "kafka-latency": (kafka_latency.run_kafka_latency, kafka_latency.markdown),
 }
 
 
