@@ -99,6 +99,20 @@ def parse_timestamp(text: str) -> float | None:
     return calendar.timegm(dt.utctimetuple()) + dt.microsecond / 1e6
 
 
+class _Left:
+    """A message a stopped route had received and not taken: an orphan of that route."""
+
+    __slots__ = ("msg", "sid")
+
+    def __init__(self, msg: Message, sid: int) -> None:
+        self.msg = msg
+        self.sid = sid
+
+    @property
+    def topic(self) -> str:
+        return self.msg.topic
+
+
 class _Inbound:
     """A received QoS 1/2 PUBLISH awaiting acks from every route it was handed to."""
 
@@ -175,7 +189,7 @@ class MqttAdapter(Adapter):
         self._by_props: dict[int, tuple[w.Props, list[_Route]]] = {}  # see _on_publish
         self._props_cache: PerHeaders[tuple[int | None, bytes]] = PerHeaders()
         self._shared_filters = False  # two routes subscribe to the same filter
-        self._orphans: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
+        self._orphans: deque[tuple[float, w.Publish | _Left, _Inbound | None]] = deque()
         self._orphans_dropped = 0
         self._qos2_unreleased: list[int] = []
         self._state = ConnState.DISCONNECTED
@@ -362,6 +376,11 @@ class MqttAdapter(Adapter):
         self._state = ConnState.CLOSED
         self._connected.clear()
 
+    def counters(self) -> dict[str, int]:
+        # Messages received for no route (one that stopped or never came) and acked after
+        # ORPHAN_GRACE: gone from this bridge, so they show in the broker's event metrics.
+        return {"orphans_dropped": self._orphans_dropped}
+
     def health(self) -> Health:
         return Health(
             self._state,
@@ -431,6 +450,19 @@ class MqttAdapter(Adapter):
                 await route.wake.wait()
         finally:
             del self._routes[sid]
+            if route.pending:
+                # Received and never taken: kept as orphans, for the same route when it comes
+                # back (a reload), in order, else acked after ORPHAN_GRACE and counted.  Left
+                # unacked, a QoS 1/2 message would hold back every later ack on the connection
+                # (they go out in order) and the broker's in-flight window with them.
+                now = time.monotonic()
+                for d in route.pending:
+                    if isinstance(d, Delivery):
+                        self._orphans.append((now, _Left(d.message, sid), d.token))
+                    else:
+                        self._orphans.append((now, _Left(d, sid), None))
+                route.pending = []
+            self._update_flow()  # this route's backlog may be what paused reading
             self._match_cache.clear()
             self._by_props.clear()
             self._note_shared_filters()
@@ -492,6 +524,7 @@ class MqttAdapter(Adapter):
             return
         if conn is self._conn and not conn.closed:
             route.active = True
+            self._update_flow()
 
     def _on_publish(self, conn: w.MqttConnection, packets: list[w.Publish]) -> None:
         if conn is not self._conn:
@@ -612,15 +645,18 @@ class MqttAdapter(Adapter):
     def _adopt_orphans(self, route: _Route) -> None:
         if not self._orphans:
             return
-        keep: deque[tuple[float, w.Publish, _Inbound | None]] = deque()
+        keep: deque[tuple[float, w.Publish | _Left, _Inbound | None]] = deque()
         for item in self._orphans:
             _, p, inbound = item
-            sids = (p.properties or {}).get(w.SUBSCRIPTION_ID)
-            mine = route.sid in sids if sids else route.matches(p.topic)
+            if isinstance(p, _Left):
+                mine = p.sid == route.sid
+            else:
+                sids = (p.properties or {}).get(w.SUBSCRIPTION_ID)
+                mine = route.sid in sids if sids else route.matches(p.topic)
             if not mine:
                 keep.append(item)
                 continue
-            msg = self._message(p)
+            msg = p.msg if isinstance(p, _Left) else self._message(p)
             if inbound is None or inbound.gen != self._gen:
                 if inbound is None:
                     route.pending.append(msg)
@@ -670,6 +706,9 @@ class MqttAdapter(Adapter):
             return
         over = hard = False
         for route in self._routes.values():
+            if not route.active:
+                # Its backlog (orphans it adopted) must not stop reading before its SUBACK.
+                continue
             n = max(len(route.pending), route.unacked)
             limit = route.sub.max_in_flight
             if n >= limit:

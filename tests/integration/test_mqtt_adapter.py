@@ -16,6 +16,7 @@ from amqtt.broker import Broker
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from flowbridge.adapters import mqtt as mqtt_adapter
 from flowbridge.adapters.base import Backoff, ConnState, Delivery, Message, Subscription
 from flowbridge.adapters.mqtt import (
     MqttAdapter,
@@ -105,6 +106,19 @@ class Reader:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+async def subscribed(
+    a: MqttAdapter, sub: Subscription
+) -> tuple[AsyncIterator[list[Any]], asyncio.Future[list[Any]]]:
+    """Start a route's iterator by hand (the test decides when it takes and acks) and
+    return once its subscription is active, with the future of its first batch."""
+    it = a.subscribe(sub)
+    first = asyncio.ensure_future(anext(it))
+    async with asyncio.timeout(5):
+        while not any(r.sub is sub and r.active for r in a._routes.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    return it, first
 
 
 async def collect(
@@ -272,6 +286,75 @@ async def test_persistent_session_survives_bridge_restart(
             await reader.stop()
     finally:
         await forget_session(mqtt_url, version, cid)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_route_stopped_with_a_backlog_finds_it_when_it_comes_back(
+    mqtt_url: str, unique: str, version: str
+) -> None:
+    """A reload stops a route and starts it again on the same connection: what the first
+    had received and not taken goes to the second, in order (left unacked, those QoS 1
+    messages held back every later ack and the broker's window: the route stalled)."""
+    topic = f"fbt/{unique}/reload"
+    cid = f"fbt-{unique}"
+    sub = Subscription("r", (topic,), durable=True, max_in_flight=5)
+    try:
+        async with running(make(mqtt_url, version, client_id=cid)) as a:
+            it, first_batch = await subscribed(a, sub)
+            async with native(mqtt_url, version) as pub:
+                for i in range(40):
+                    await pub.publish(topic, str(i), qos=1)
+            batch = await first_batch
+            first: list[bytes] = []
+            while True:  # the route acks what it took, then stops with the rest waiting
+                for d in batch:
+                    d.ack()
+                first += [d.message.payload for d in batch]
+                if len(first) >= 10:
+                    break
+                batch = await anext(it)
+            await it.aclose()
+            again = Reader(a, sub)
+            await again.wait(40 - len(first))
+            assert first + again.payloads() == [str(i).encode() for i in range(40)]
+            await asyncio.sleep(0.2)
+            assert len(again.got) == 40 - len(first)
+            await again.stop()
+    finally:
+        await forget_session(mqtt_url, version, cid)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_backlog_no_route_takes_back_is_acked_and_counted(
+    mqtt_url: str, unique: str, version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topic = f"fbt/{unique}/gone"
+    async with running(make(mqtt_url, version, clean_start=True)) as a:
+        sub = Subscription("gone", (topic,), durable=False, max_in_flight=5)
+        it, first_batch = await subscribed(a, sub)
+        async with native(mqtt_url, version) as pub:
+            for i in range(20):
+                await pub.publish(topic, str(i), qos=1)
+        taken = await first_batch
+        for d in taken:
+            d.ack()
+        await asyncio.sleep(0.3)  # more arrives and waits
+        await it.aclose()
+        left = 20 - len(taken)  # what the route held, then what arrived for no route
+        async with asyncio.timeout(5):
+            while len(a._orphans) < left:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        monkeypatch.setattr(mqtt_adapter, "ORPHAN_GRACE", 0.0)
+        a._expire_orphans()
+        assert a.counters() == {"orphans_dropped": left}
+        assert not a._order  # every ack went out: later messages are not held back
+        other = f"fbt/{unique}/other"
+        reader = Reader(a, Subscription("other", (other,), durable=False))
+        await reader.ready()
+        async with native(mqtt_url, version) as pub:
+            await pub.publish(other, b"after", qos=1)
+        await reader.wait(1)
+        await reader.stop()
 
 
 @pytest.mark.parametrize("version", VERSIONS)
