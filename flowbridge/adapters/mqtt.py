@@ -366,6 +366,14 @@ class MqttAdapter(Adapter):
                 await self._supervisor
         for task in list(self._tasks):
             task.cancel()
+        # Orphans end here: QoS 0 ones, and all of a session that ends with the connection,
+        # are lost; said and counted (a kept session's QoS 1/2 ones come back).
+        kept = not self.opts.clean_start and (self.version != w.V5 or self.opts.session_expiry)
+        lost = sum(1 for _, _, inbound in self._orphans if inbound is None or not kept)
+        self._orphans.clear()
+        if lost:
+            self._orphans_dropped += lost
+            self.log.warning("%d message(s) received for no route lost at close", lost)
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.flush()  # acks queued so far go out before DISCONNECT

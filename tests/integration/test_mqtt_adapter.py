@@ -358,6 +358,27 @@ async def test_a_backlog_no_route_takes_back_is_acked_and_counted(
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+async def test_qos0_messages_left_at_close_are_counted(
+    mqtt_url: str, unique: str, version: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = f"fbt/{unique}/closing"
+    a = make(mqtt_url, version, clean_start=True)
+    async with running(a):
+        sub = Subscription("r", (topic,), durable=False, max_in_flight=5)
+        it, first_batch = await subscribed(a, sub)
+        async with native(mqtt_url, version) as pub:
+            for i in range(20):
+                await pub.publish(topic, str(i), qos=0)
+        taken = len(await first_batch)
+        await it.aclose()
+        async with asyncio.timeout(5):
+            while len(a._orphans) < 20 - taken:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    assert a.counters() == {"orphans_dropped": 20 - taken}
+    assert f"{20 - taken} message(s) received for no route lost at close" in caplog.text
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 async def test_close_drops_only_transient_subscriptions(
     mqtt_url: str, unique: str, version: str
 ) -> None:
