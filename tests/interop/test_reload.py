@@ -14,16 +14,22 @@ from tests.support.brokers import host_port
 COUNT = 2000
 
 
-def _mapping(p: str, nats_url: str, mqtt_url: str, extra: str = "") -> str:
+def _mapping(p: str, nats_url: str, mqtt_url: str, *also: tuple[str, str]) -> str:
+    """Route keep-P (P/keep/# -> NATS), and for each (name, level) of ``also`` a route
+    name-P from P/level/#."""
+    routes = [("keep", "keep"), *also]
     return f"""
 brokers:
   edge: {{url: "{mqtt_url}", options: {{client_id: fb-reload-{p}}}}}
   core: {{url: "{nats_url}"}}
 routes:
-  - name: keep-{p}
-    from: {{broker: edge, filter: "{p}/keep/#"}}
+""" + "".join(
+        f"""  - name: {name}-{p}
+    from: {{broker: edge, filter: "{p}/{level}/#"}}
     to: [{{broker: core}}]
-{extra}"""
+"""
+        for name, level in routes
+    )
 
 
 async def _started(
@@ -81,17 +87,7 @@ async def test_sighup_reload_keeps_unchanged_route_and_rejects_bad_files(
         assert "mapping.yaml:" in bridge.log()
         assert "unknown broker 'nowhere'" in bridge.log()
         # 2. A valid change adds a route while the stream still flows on the kept one.
-        bridge.path.write_text(
-            _mapping(
-                p,
-                nats_url,
-                mqtt_url,
-                f"""  - name: added-{p}
-    from: {{broker: edge, filter: "{p}/added/#"}}
-    to: [{{broker: core}}]
-""",
-            )
-        )
+        bridge.path.write_text(_mapping(p, nats_url, mqtt_url, ("added", "added")))
         bridge.proc.send_signal(signal.SIGHUP)
         await wait_for(lambda: f"started added-{p}" in bridge.log(), 10, "reload", bridge.log)
         await streaming
@@ -117,17 +113,7 @@ async def test_watch_reloads_on_file_change(
     bridge, pub, sub = await _started(mapping, p, nats_url, mqtt_url, tmp_path, ("--watch",))
     try:
         await wait_for(lambda: f"route keep-{p}" in bridge.log(), 30, "start", bridge.log)
-        bridge.path.write_text(
-            _mapping(
-                p,
-                nats_url,
-                mqtt_url,
-                f"""  - name: watched-{p}
-    from: {{broker: edge, filter: "{p}/w/#"}}
-    to: [{{broker: core}}]
-""",
-            )
-        )
+        bridge.path.write_text(_mapping(p, nats_url, mqtt_url, ("watched", "w")))
         await wait_for(lambda: f"started watched-{p}" in bridge.log(), 15, "watch", bridge.log)
 
         await _probe(pub, sub, f"{p}/w/x", f"{p}.w.x")
