@@ -182,7 +182,7 @@ class FrameReceiver(aiormq.connection.FrameReceiver):
 
 class TransportFactory(aiormq.connection.TransportFactory):
     """aiormq's TCP or TLS transport, with a reader that tells ``FrameReceiver`` which
-    connection it serves."""
+    connection it serves, and the writer kept for publishes that go straight to the socket."""
 
     def __init__(self, tls: bool) -> None:
         self.inner: aiormq.connection.TransportFactory = (
@@ -191,12 +191,14 @@ class TransportFactory(aiormq.connection.TransportFactory):
             else aiormq.connection.TCPTransportFactory()
         )
         self.connection: aiormq.Connection | None = None
+        self.writer: asyncio.StreamWriter | None = None  # the connection's, once open
 
     async def create(
         self, url: Any, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self.inner.create(url, **kwargs)
         reader.fb_connection = self.connection  # type: ignore[attr-defined]
+        self.writer = writer
         return reader, writer
 
 

@@ -413,10 +413,17 @@ class _Channel(Channel):
     future per message (deliveries come straight from ``_amqp_wire.FrameReceiver``)."""
 
     def __init__(
-        self, conn: aiormq.Connection, number: int, *, confirms: bool, on_deliver: DeliverHandler
+        self,
+        conn: aiormq.Connection,
+        number: int,
+        *,
+        confirms: bool,
+        on_deliver: DeliverHandler,
+        writer: asyncio.StreamWriter | None = None,
     ) -> None:
         super().__init__(conn, number, publisher_confirms=confirms, frame_buffer=64)
         self.fb_deliver = on_deliver
+        self.writer = writer  # the connection's socket, for publishes written directly
         self.next_tag = 1
         self.pending: dict[int, tuple[_Batch, int]] = {}
         self.order: deque[int] = deque()
@@ -568,6 +575,36 @@ async def _drained(channel: _Channel, drain: asyncio.Future[None]) -> None:
     if not drain.done():
         drain.cancel()
         raise _ChannelLost(channel._close_exception, refused=False)
+    if not drain.cancelled() and drain.exception() is not None:
+        raise _ChannelLost(drain.exception(), refused=False)  # the socket failed
+
+
+async def _write(channel: _Channel, payload: bytes, *, wait: bool) -> None:
+    """Send publish frames, holding the caller back while the socket is backed up.
+
+    With nothing queued for aiormq's writer task they go straight to the socket: every frame
+    that task took is already written, so order holds, and a call costs no hand-over to that
+    task and back (a queue put, two loop turns and a future).  Otherwise they queue behind
+    the frames waiting there, and ``wait`` says whether to wait until the task wrote them.
+    """
+    writer = channel.writer
+    if (
+        writer is not None
+        and channel.write_queue.empty()
+        and not channel.is_closed
+        and not channel.connection.is_closed
+        and not writer.is_closing()
+    ):
+        writer.write(payload)
+        # The socket's buffer only grows when the broker stops reading (a resource alarm):
+        # beyond a chunk, wait for it, whatever ``wait`` says, so it stays bounded.
+        if writer.transport.get_write_buffer_size() > _CHUNK_BYTES:
+            await _drained(channel, asyncio.ensure_future(writer.drain()))
+        return
+    drain = asyncio.get_running_loop().create_future() if wait else None
+    await _put(channel, ChannelFrame(payload=payload, should_close=False, drain_future=drain))
+    if drain is not None:
+        await _drained(channel, drain)
 
 
 def _refused(exc: BaseException, conn: aiormq.Connection | None) -> bool:
@@ -864,6 +901,7 @@ class AmqpAdapter(Adapter):
         self._conn_url = conn_url
         self.connection_name = self.opts.connection_name or f"flowbridge {name}"
         self._conn: aiormq.Connection | None = None
+        self._writer: tuple[aiormq.Connection, asyncio.StreamWriter | None] | None = None
         self._state = ConnState.DISCONNECTED
         self._detail = ""
         self._reconnects = 0
@@ -975,6 +1013,7 @@ class AmqpAdapter(Adapter):
         except BaseException:
             await conn.close()
             raise
+        self._writer = (conn, transport.writer)
         return conn
 
     async def _establish(self) -> None:
@@ -1086,7 +1125,8 @@ class AmqpAdapter(Adapter):
         number = 1
         while number in conn.channels:
             number += 1
-        ch = _Channel(conn, number, confirms=confirms, on_deliver=on_deliver)
+        writer = self._writer[1] if self._writer is not None and self._writer[0] is conn else None
+        ch = _Channel(conn, number, confirms=confirms, on_deliver=on_deliver, writer=writer)
         conn.channels[number] = ch
         await ch.open(timeout=self.opts.connect_timeout)
         return ch
@@ -1282,18 +1322,13 @@ class AmqpAdapter(Adapter):
                     chunk.append(frames)
                     size += len(frames)
                     if size >= _CHUNK_BYTES:
-                        await _put(ch, ChannelFrame(payload=b"".join(chunk), should_close=False))
+                        await _write(ch, b"".join(chunk), wait=True)
                         chunk, size = [], 0
                 if chunk:
-                    # Unconfirmed publishes wait for the socket to take them, so a broker
-                    # that stops reading (resource alarm) cannot grow the send buffer.
-                    drain = None if batch else asyncio.get_running_loop().create_future()
-                    frame = ChannelFrame(
-                        payload=b"".join(chunk), should_close=False, drain_future=drain
-                    )
-                    await _put(ch, frame)
-                    if drain is not None:
-                        await _drained(ch, drain)
+                    # A broker that stops reading (resource alarm) holds the publisher
+                    # back instead of growing the send buffer; confirms bound the rest.
+                    payload = chunk[0] if len(chunk) == 1 else b"".join(chunk)
+                    await _write(ch, payload, wait=batch is None)
         except (_ChannelLost, *_LOST) as exc:
             if batch is None or not isinstance(exc, _ChannelLost):
                 raise PublishError(f"broker {self.name}: {exc}", retriable=True) from exc

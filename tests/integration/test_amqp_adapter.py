@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import shutil
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ import aio_pika
 import pytest
 
 from flowbridge.adapters.amqp import (
+    _CHUNK_BYTES,
     AmqpAdapter,
     AmqpBrokerOptions,
     AmqpSourceOptions,
@@ -21,7 +23,7 @@ from flowbridge.adapters.amqp import (
 )
 from flowbridge.adapters.base import Backoff, ConnState, Delivery, Message, Subscription
 from flowbridge.errors import ConnectError, PublishError
-from tests.support.brokers import free_port
+from tests.support.brokers import free_port, host_port
 
 MakeAdapter = Callable[..., Awaitable[AmqpAdapter]]
 
@@ -501,6 +503,94 @@ async def test_connection_loss_during_confirmed_publish_is_retriable(
     assert info.value.retriable
     assert await adapter.wait_connected(10)
     assert adapter.health().reconnects == 1
+
+
+class StallingProxy:
+    """A TCP proxy to the broker that can stop reading what the client sends, as a broker
+    under a resource alarm does, so the client's socket backs up."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self.forwarded = 0  # bytes passed on to the broker
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"amqp://guest:guest@127.0.0.1:{port}/"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self.tasks += [
+            asyncio.ensure_future(self._pump(reader, up_writer, gate=True)),
+            asyncio.ensure_future(self._pump(up_reader, writer, gate=False)),
+        ]
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gate: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                if gate:
+                    await self.reading.wait()
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if gate:
+                    self.forwarded += len(data)
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.server.close()
+
+
+async def test_unconfirmed_publish_to_a_broker_that_stops_reading_waits_with_bounded_buffer(
+    amqp_url: str, pika: aio_pika.abc.AbstractChannel, unique: str
+) -> None:
+    """Frames go straight to the socket when nothing is queued for aiormq's writer; a broker
+    that stops reading must still hold the publisher back, not grow its send buffer by a
+    whole batch (40 MB here), and what waited goes out complete and in order after."""
+    proxy = StallingProxy(host_port(amqp_url, 5672))
+    adapter = AmqpAdapter(
+        f"rabbit-{unique}",
+        await proxy.start(),
+        AmqpBrokerOptions(connection_name=f"fbtest-{unique}"),
+        Backoff(initial=0.05, maximum=0.5, attempts=20),
+    )
+    await adapter.connect()
+    try:
+        queue = await bound_queue(pika, f"{unique}.stall")
+        assert await adapter.publish([Message(f"{unique}.stall", b"first")], confirm=False) is None
+        proxy.reading.clear()
+        body = b"p" * 100_000
+        batch = [Message(f"{unique}.stall", str(i).encode() + b":" + body) for i in range(400)]
+        publishing = asyncio.ensure_future(adapter.publish(batch, confirm=False))
+        await asyncio.sleep(1.5)
+        assert not publishing.done(), "the publish finished while the broker read nothing"
+        conn = adapter._conn
+        assert conn is not None
+        writer = adapter._writer[1] if adapter._writer else None
+        assert writer is not None
+        assert writer.transport.get_write_buffer_size() <= 2 * _CHUNK_BYTES + len(body) + 1000
+        proxy.reading.set()
+        assert await asyncio.wait_for(publishing, 30) is None
+        bodies = []
+        async with queue.iterator() as it:
+            async for m in it:
+                bodies.append(m.body.split(b":", 1)[0])
+                await m.ack()
+                if len(bodies) == 401:
+                    break
+        assert bodies == [b"first", *(str(i).encode() for i in range(400))]
+    finally:
+        await adapter.close()
+        await proxy.close()
 
 
 def test_acks_coalesce_to_highest_contiguous_tag() -> None:
