@@ -224,6 +224,16 @@ def decode_headers(raw: bytes, msg: Message) -> None:
         msg.headers = headers
 
 
+def pub_head(out: bytearray, subject: bytes, reply: bytes, hdr: bytes | None, size: int) -> None:
+    """Append what a PUB/HPUB frame has before a payload of ``size`` bytes: its line and
+    header block (the payload and CRLF follow)."""
+    if hdr is None:
+        out += b"PUB %s %s%d\r\n" % (subject, reply, size)
+    else:
+        n = len(hdr)
+        out += b"HPUB %s %s%d %d\r\n%s" % (subject, reply, n, n + size, hdr)
+
+
 def pub_frame(
     out: bytearray, subject: bytes, reply: bytes, hdr: bytes | None, payload: bytes
 ) -> None:

@@ -1263,7 +1263,13 @@ class NatsAdapter(Adapter):
                     results, n, i, f"message of {size} bytes exceeds max_payload {limit}"
                 )
                 continue
-            wire.pub_frame(out, subject, reply, hdr, payload)
+            if len(payload) < _BIG:
+                wire.pub_frame(out, subject, reply, hdr, payload)
+            else:
+                # As on the fast path: the payload goes to the socket as it is.
+                wire.pub_head(out, subject, reply, hdr, len(payload))
+                _queue(nc, _frames(out), payload, crlf)
+                out = bytearray()
             if plain and hdr is not None and headers is not None:
                 heads.put(
                     headers,
@@ -1277,6 +1283,8 @@ class NatsAdapter(Adapter):
             if len(out) >= _CHUNK:
                 await nc._send_command(_frames(out))
                 out = bytearray()
+            elif nc._pending_data_size > nc._max_pending_size:
+                await nc._flush_pending(force_flush=True)
         if out:
             await nc._send_command(_frames(out))
         await _write_now(nc)
