@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import cramjam
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
@@ -224,6 +225,64 @@ async def test_one_record_calls_join_the_batch_waiting_for_the_partition(
     assert [r.value for r in await read(kafka_url, topic, len(expected))] == expected
     # One request per call would be 41; a batch of our own waits for the one before it.
     assert produce_requests <= 6, produce_requests
+
+
+class LevelSpy:
+    """Records the level of every compressor aiokafka's codec makes (cramjam's own, which
+    its lz4 and zstd functions look up when called)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.lz4: list[int] = []
+        self.zstd: list[int] = []
+        real_lz4, real_zstd = cramjam.lz4.Compressor, cramjam.zstd.compress
+
+        def lz4(*args: Any, level: int, **kwargs: Any) -> Any:
+            self.lz4.append(level)
+            return real_lz4(*args, level=level, **kwargs)
+
+        def zstd(data: Any, level: int) -> Any:
+            self.zstd.append(level)
+            return real_zstd(data, level=level)
+
+        monkeypatch.setattr(cramjam.lz4, "Compressor", lz4)
+        monkeypatch.setattr(cramjam.zstd, "compress", zstd)
+
+    def take(self) -> tuple[set[int], set[int]]:
+        seen = (set(self.lz4), set(self.zstd))
+        self.lz4.clear()
+        self.zstd.clear()
+        return seen
+
+
+async def test_compression_levels_per_broker_default_fast(
+    kafka_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka compresses lz4 at level 9 (LZ4 HC) and takes no level: each producer gets
+    its broker's level, the default librdkafka's (lz4 fast), and records read back intact."""
+    spy = LevelSpy(monkeypatch)
+    topic = f"fb.level.{unique}"
+    words = [b"alpha", b"beta", b"gamma", b"delta", b"epsilon"]
+    bodies = [b" ".join(words[(i * 7 + k) % 5] for k in range(400)) for i in range(30)]
+    async with (
+        connected(kafka_url, compression="lz4") as fast,
+        connected(kafka_url, compression="lz4", compression_level=12) as high,
+        connected(kafka_url, compression="zstd") as zstd,
+    ):
+        for a, expected in ((fast, ({0}, set())), (high, ({12}, set())), (fast, ({0}, set()))):
+            assert await a.publish([Message(topic, b) for b in bodies], confirm=True) is None
+            assert spy.take() == expected
+        assert await zstd.publish([Message(topic, b) for b in bodies], confirm=True) is None
+        assert spy.take() == (set(), {3})
+    records = await read(kafka_url, topic, 4 * len(bodies))
+    assert [r.value for r in records] == bodies * 4
+
+
+def test_compression_level_needs_a_codec_with_levels_and_its_range() -> None:
+    with pytest.raises(ValueError, match="needs compression gzip, lz4 or zstd"):
+        KafkaBrokerOptions(compression="snappy", compression_level=3)
+    with pytest.raises(ValueError, match=r"compression_level 13 is outside 0\.\.12 for lz4"):
+        KafkaBrokerOptions(compression="lz4", compression_level=13)
+    assert KafkaBrokerOptions(compression="gzip", compression_level=1).compression_level == 1
 
 
 async def test_unknown_topic_without_creation_refused_per_message(
