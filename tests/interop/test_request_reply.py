@@ -72,12 +72,15 @@ async def test_nats_request_answered_over_mqtt5_and_back(
     bridge.start()
     try:
         await wait_for(lambda: "route replies-" in bridge.log(), 30, "start", bridge.log)
-        # The first requests may race the bridge's subscriptions: retry until one is answered.
+        # The first requests may race the bridge's subscriptions (no subscriber on NATS yet:
+        # no responders; on MQTT yet: a timeout): retry until one is answered.
         reply = None
         for _ in range(50):
             try:
                 reply = await nc.request(f"svc.{p}.time", b"q0", timeout=0.5)
                 break
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.1)
             except nats.errors.TimeoutError:
                 continue
         assert reply is not None, bridge.log()
