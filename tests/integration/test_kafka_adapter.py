@@ -515,6 +515,22 @@ async def test_start_latest_skips_existing(kafka_url: str, unique: str) -> None:
     assert d.message.payload == b"new"
 
 
+@pytest.mark.parametrize("check", [True, False])
+async def test_check_crcs_option_reaches_the_consumer(
+    kafka_url: str, unique: str, check: bool
+) -> None:
+    topic = f"fb.crc.{unique}"
+    await produce(kafka_url, [(topic, b"a" * 10_240, []), (topic, b"b", [])])
+    async with connected(kafka_url, check_crcs=check) as a:
+        pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic))))
+        got = await pump.wait_for(2)
+        [source] = a.sources
+        assert source.consumer is not None
+        assert source.consumer._fetcher._check_crcs is check
+        await pump.stop()
+    assert [d.message.payload for d in got] == [b"a" * 10_240, b"b"]
+
+
 # -- faults (a broker of the test's own) -------------------------------------------------
 
 
