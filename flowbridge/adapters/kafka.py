@@ -22,6 +22,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     ConsumerStoppedError,
+    CorruptRecordException,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
@@ -362,6 +363,7 @@ class _Source:
         if consumer is None:
             return
         limit = self.limit
+        corrupt: AsyncIterator[float] | None = None
         while not self.closed:
             room = limit - self.in_flight
             try:
@@ -372,12 +374,30 @@ class _Source:
                         self.paused = False
                         consumer.resume(*consumer.assignment())
                     batch = await consumer.getmany(timeout_ms=200, max_records=room)
+            except CorruptRecordException as exc:
+                # A batch failed its CRC check: nothing of it was handed out and the position
+                # stays before it, so the next fetch reads it again (damage on the way heals;
+                # damage in the broker's log stalls the partition, logged each round).
+                if self.closed:
+                    return
+                corrupt = corrupt or self.adapter.backoff.delays()
+                delay = await anext(corrupt, self.adapter.backoff.maximum)
+                self.adapter.corrupt_batches += 1
+                self.adapter.log.error(  # noqa: TRY400 (the batch is at fault, not this code)
+                    "kafka source %s: corrupt batch (%s); fetching it again in %.1fs",
+                    self.sub.route,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
             except (ConsumerStoppedError, KafkaError):
                 if self.closed:
                     return
                 raise
             if not batch:
                 continue
+            corrupt = None
             out: list[Delivery] = []
             for tp, records in batch.items():
                 part = self.parts.get(tp)
@@ -504,6 +524,7 @@ class KafkaAdapter(Adapter):
         self._closed = False
         self._default_target = KafkaTargetOptions()
         self.unconfirmed_failures = 0  # unconfirmed sends that later failed (logged)
+        self.corrupt_batches = 0  # fetched batches that failed the CRC check (read again)
         self._partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
         self._header_cache: PerHeaders[tuple[list[tuple[str, bytes]], int]] = PerHeaders(_CACHE_MAX)
 
@@ -683,7 +704,10 @@ class KafkaAdapter(Adapter):
         self._detail = "closed"
 
     def counters(self) -> dict[str, int]:
-        return {"unconfirmed_failures": self.unconfirmed_failures}
+        return {
+            "unconfirmed_failures": self.unconfirmed_failures,
+            "corrupt_batches": self.corrupt_batches,
+        }
 
     def health(self) -> Health:
         return Health(

@@ -515,20 +515,97 @@ async def test_start_latest_skips_existing(kafka_url: str, unique: str) -> None:
     assert d.message.payload == b"new"
 
 
+class _ProxiedTansu(Tansu):
+    """A Tansu that tells clients to reach it at ``advertised`` (a proxy's port)."""
+
+    def __init__(self, advertised: int) -> None:
+        super().__init__()
+        self.advertised = advertised
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        cmd[cmd.index("--advertised-listener-url") + 1] = f"tcp://127.0.0.1:{self.advertised}"
+        return cmd
+
+
+class CorruptingProxy:
+    """A TCP proxy that flips one byte inside the first run of ``run`` the broker sends
+    back (a fetch response carrying that record), as a bad cable or disk would."""
+
+    def __init__(self, port: int, upstream: int, run: bytes) -> None:
+        self.port, self.upstream, self.run = port, upstream, run
+        self.flipped = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self.writers += [writer, up_writer]
+        self.tasks += [
+            asyncio.ensure_future(self._pump(reader, up_writer, damage=False)),
+            asyncio.ensure_future(self._pump(up_reader, writer, damage=True)),
+        ]
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, damage: bool
+    ) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                at = data.find(self.run) if damage and not self.flipped else -1
+                if at >= 0:
+                    self.flipped += 1
+                    data = data[:at] + b"R" + data[at + 1 :]
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self.server.wait_closed()
+
+
 @pytest.mark.parametrize("check", [True, False])
-async def test_check_crcs_option_reaches_the_consumer(
-    kafka_url: str, unique: str, check: bool
+async def test_a_batch_damaged_on_the_way_is_fetched_again_or_passed_on_without_check_crcs(
+    unique: str, check: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    topic = f"fb.crc.{unique}"
-    await produce(kafka_url, [(topic, b"a" * 10_240, []), (topic, b"b", [])])
-    async with connected(kafka_url, check_crcs=check) as a:
-        pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic))))
-        got = await pump.wait_for(2)
-        [source] = a.sources
-        assert source.consumer is not None
-        assert source.consumer._fetcher._check_crcs is check
-        await pump.stop()
-    assert [d.message.payload for d in got] == [b"a" * 10_240, b"b"]
+    port = free_port()
+    payload = b"Q" * 10_240
+    with _ProxiedTansu(port) as tansu:
+        proxy = CorruptingProxy(port, tansu.port, b"Q" * 64)
+        await proxy.start()
+        try:
+            url = f"kafka://127.0.0.1:{port}"
+            topic = f"fb.crc.{unique}"
+            await produce(url, [(topic, payload, []), (topic, b"after", [])])
+            async with connected(url, check_crcs=check) as a:
+                pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic))))
+                got = [d.message.payload for d in await pump.wait_for(2, within=30)]
+                await pump.stop()
+                corrupt = a.counters()["corrupt_batches"]
+        finally:
+            await proxy.close()
+    assert proxy.flipped == 1
+    if check:
+        # Refused, logged, counted and read again: intact, in order, once.
+        assert got == [payload, b"after"]
+        assert corrupt >= 1
+        assert "corrupt batch" in caplog.text
+    else:
+        # Without the check the damage goes through: what the option trades away.
+        assert got[1] == b"after"
+        assert got[0] != payload
+        assert len(got[0]) == len(payload)
+        assert corrupt == 0
 
 
 # -- faults (a broker of the test's own) -------------------------------------------------
