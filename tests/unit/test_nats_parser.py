@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import nats.errors
@@ -116,6 +117,32 @@ async def test_large_payload_in_many_chunks() -> None:
     chunks = [frame[i : i + 32768] for i in range(0, len(frame), 32768)]
     nc = await feed(chunks)
     assert nc.events == [("mine", b"big", b"", body, None), ("mine", b"after", b"", b"z", None)]
+
+
+async def test_frames_of_every_size_cut_at_random_chunk_ends() -> None:
+    # As a socket delivers a stream: frames of 0 B to 70 KB, cut anywhere, in chunks of any
+    # size; every payload arrives whole, as bytes, in order.
+    rng = random.Random(5)
+    want: list[tuple[Any, ...]] = []
+    stream = bytearray()
+    for i in range(400):
+        body = rng.randbytes(rng.choice((0, 1, 100, 4096, 10_240, 40_000, 70_000)))
+        if i % 3:
+            stream += b"MSG s.%d 1 %d\r\n%s\r\n" % (i, len(body), body)
+            want.append(("mine", b"s.%d" % i, b"", body, None))
+        else:
+            stream += b"HMSG h 1 %d %d\r\n%s%s\r\n" % (len(HDR), len(HDR) + len(body), HDR, body)
+            want.append(("mine", b"h", b"", body, HDR))
+    data = bytes(stream)
+    for _ in range(5):
+        chunks, at = [], 0
+        while at < len(data):
+            n = rng.choice((1, 7, 512, 32_768, 65_536, 200_000))
+            chunks.append(data[at : at + n])
+            at += n
+        nc = await feed(chunks)
+        assert nc.events == want
+        assert all(type(e[3]) is bytes for e in nc.events)
 
 
 async def test_handler_error_is_reported_and_parsing_goes_on() -> None:
