@@ -88,6 +88,7 @@ def parse_timestamp(text: str) -> float | None:
     return dt.timestamp()
 
 
+_STAMP: list[tuple[float, bytes]] = [(-1.0, b"")]  # the last timestamp and its header line
 _LINES: dict[tuple[str, str], bytes] = {}
 _LINES_MAX = 4096
 
@@ -139,8 +140,14 @@ def encode_headers(msg: Message, extra: Headers | None = None) -> bytes | None:
     if msg.message_id is not None:
         _line(block, MSG_ID, msg.message_id)
     if msg.timestamp is not None:
-        # Not through the line cache: nearly every message has a timestamp of its own.
-        block += b"Timestamp: %s\r\n" % format_timestamp(msg.timestamp).encode()
+        # Not through the line cache: nearly every millisecond has a line of its own; the
+        # last one is kept, as records of a burst share their millisecond.
+        ts = msg.timestamp
+        last, line = _STAMP[0]
+        if ts != last:
+            line = b"Timestamp: %s\r\n" % format_timestamp(ts).encode()
+            _STAMP[0] = (ts, line)
+        block += line
     if extra:
         for name, value in extra:
             _line(block, name, value)

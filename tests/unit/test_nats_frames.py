@@ -102,3 +102,12 @@ async def test_refusals_in_a_run_name_their_own_messages() -> None:
     # 400 and 260 bytes of payload plus the header block exceed 300 bytes.
     assert refused == [i for i, m in enumerate(msgs) if len(m.payload) + len(hdr) > 300]
     assert bytes(nc.data) == reference([m for i, m in enumerate(msgs) if i not in refused])
+
+
+def test_timestamp_line_follows_each_message() -> None:
+    # The last timestamp's line is reused: a change, or a return to an earlier value, is not.
+    stamps = [1_700_000_000.001, 1_700_000_000.001, 1_700_000_000.002, 1_699_999_999.999]
+    for ts in [*stamps, stamps[0], 0.0]:
+        block = wire.encode_headers(Message("t", b"", timestamp=ts))
+        assert block == b"NATS/1.0\r\nTimestamp: %s\r\n\r\n" % wire.format_timestamp(ts).encode()
+    assert wire.format_timestamp(1_699_999_999.999) == "2023-11-14T22:13:19.999Z"
