@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import shutil
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ from flowbridge.adapters.amqp import (
 from flowbridge.adapters.base import Backoff, ConnState, Delivery, Message, Subscription
 from flowbridge.errors import ConnectError, PublishError
 from tests.support.brokers import free_port, host_port
+from tests.support.proxy import TcpProxy
 
 MakeAdapter = Callable[..., Awaitable[AmqpAdapter]]
 
@@ -505,49 +505,24 @@ async def test_connection_loss_during_confirmed_publish_is_retriable(
     assert adapter.health().reconnects == 1
 
 
-class StallingProxy:
-    """A TCP proxy to the broker that can stop reading what the client sends, as a broker
-    under a resource alarm does, so the client's socket backs up."""
+class StallingProxy(TcpProxy):
+    """Can stop reading what the client sends, as a broker under a resource alarm does, so
+    the client's socket backs up."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.reading = asyncio.Event()
         self.reading.set()
         self.forwarded = 0  # bytes passed on to the broker
-        self.tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"amqp://guest:guest@127.0.0.1:{port}/"
+    async def before_read(self, *, to_broker: bool) -> None:
+        if to_broker:
+            await self.reading.wait()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self.tasks += [
-            asyncio.ensure_future(self._pump(reader, up_writer, gate=True)),
-            asyncio.ensure_future(self._pump(up_reader, writer, gate=False)),
-        ]
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gate: bool
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while True:
-                if gate:
-                    await self.reading.wait()
-                data = await reader.read(65536)
-                if not data:
-                    break
-                if gate:
-                    self.forwarded += len(data)
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.server.close()
+    async def relay(self, data: bytes, *, to_broker: bool) -> bytes:
+        if to_broker:
+            self.forwarded += len(data)
+        return data
 
 
 async def test_unconfirmed_publish_to_a_broker_that_stops_reading_waits_with_bounded_buffer(
@@ -559,7 +534,7 @@ async def test_unconfirmed_publish_to_a_broker_that_stops_reading_waits_with_bou
     proxy = StallingProxy(host_port(amqp_url, 5672))
     adapter = AmqpAdapter(
         f"rabbit-{unique}",
-        await proxy.start(),
+        f"amqp://guest:guest@127.0.0.1:{await proxy.start()}/",
         AmqpBrokerOptions(connection_name=f"fbtest-{unique}"),
         Backoff(initial=0.05, maximum=0.5, attempts=20),
     )

@@ -25,6 +25,7 @@ from flowbridge.adapters.kafka import (
 )
 from flowbridge.errors import ConnectError, PublishError, TopicError
 from tests.support.brokers import Tansu, free_port
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.kafka
 
@@ -528,50 +529,21 @@ class _ProxiedTansu(Tansu):
         return cmd
 
 
-class CorruptingProxy:
-    """A TCP proxy that flips one byte inside the first run of ``run`` the broker sends
-    back (a fetch response carrying that record), as a bad cable or disk would."""
+class CorruptingProxy(TcpProxy):
+    """Flips one byte inside the first run of ``run`` the broker sends back (a fetch
+    response carrying that record), as a bad cable or disk would."""
 
     def __init__(self, port: int, upstream: int, run: bytes) -> None:
-        self.port, self.upstream, self.run = port, upstream, run
+        super().__init__(("127.0.0.1", upstream), port)
+        self.run = run
         self.flipped = 0
-        self.tasks: list[asyncio.Task[None]] = []
-        self.writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
-        self.writers += [writer, up_writer]
-        self.tasks += [
-            asyncio.ensure_future(self._pump(reader, up_writer, damage=False)),
-            asyncio.ensure_future(self._pump(up_reader, writer, damage=True)),
-        ]
-
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, damage: bool
-    ) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                at = data.find(self.run) if damage and not self.flipped else -1
-                if at >= 0:
-                    self.flipped += 1
-                    data = data[:at] + b"R" + data[at + 1 :]
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def close(self) -> None:
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        for writer in self.writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        await self.server.wait_closed()
+    async def relay(self, data: bytes, *, to_broker: bool) -> bytes:
+        at = -1 if to_broker or self.flipped else data.find(self.run)
+        if at < 0:
+            return data
+        self.flipped += 1
+        return data[:at] + b"R" + data[at + 1 :]
 
 
 @pytest.mark.parametrize("check", [True, False])

@@ -40,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.interop.harness import BridgeProcess
 from tests.support.brokers import free_port, host_port, wait_port
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -215,48 +216,28 @@ async def nc(nats_url: str) -> AsyncIterator[Client]:
     await client.drain()
 
 
-class SlowLink:
+class SlowLink(TcpProxy):
     """A TCP relay to the NATS server that holds every chunk ``delay`` seconds in each
     direction (one chunk after another): a round trip through it takes at least twice that."""
 
     def __init__(self, nats_url: str, delay: float = 0.001) -> None:
-        self.upstream = host_port(nats_url, 4222)
+        super().__init__(host_port(nats_url, 4222))
         self.delay = delay
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
-        assert self.server is not None
-        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return f"nats://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> SlowLink:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.close()
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(*self.upstream)
-        for src, dst in ((reader, up_w), (up_r, writer)):
-            task = asyncio.ensure_future(self._pump(src, dst))
-            self.tasks.add(task)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(1 << 16):
-                await asyncio.sleep(self.delay)  # the link's latency: paces, syncs nothing
-                dst.write(data)
-                await dst.drain()
-        except ConnectionError:
-            pass
-        finally:
-            dst.close()
+    async def relay(self, data: bytes, *, to_broker: bool) -> bytes:
+        await asyncio.sleep(self.delay)  # the link's latency: paces, syncs nothing
+        return data
 
 
 def slow_brokers(nats_url: str, slow_url: str, u: str, window: int, **core: int) -> str:
