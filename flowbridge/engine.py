@@ -28,6 +28,7 @@ from typing import Any
 
 from flowbridge.adapters.base import (
     Adapter,
+    ConnState,
     Headers,
     Incoming,
     Message,
@@ -307,13 +308,14 @@ class RouteRunner:
                 out, index = await self._offload(t, out, index, dead)
             if out:
                 sends.append(self._publish(t, out, index, dead, stop))
+        held = False  # a target given up at shutdown: the batch stays unacked, redelivered
         if len(sends) == 1:
-            await sends[0]  # no task per target: one loop turn less per batch
+            held = await sends[0]  # no task per target: one loop turn less per batch
         elif sends:
-            await asyncio.gather(*sends)
+            held = any(await asyncio.gather(*sends))
         if dead:
-            await self._dead_letter(batch, dead, stop)
-        if acks:
+            held = await self._dead_letter(batch, dead, stop) or held
+        if acks and not held:
             for d in batch:
                 d.ack()
         st.in_flight = 0
@@ -466,12 +468,13 @@ class RouteRunner:
         index: list[int] | None,
         dead: list[tuple[int, str, str]],
         stop: asyncio.Event | None,
-    ) -> None:
+    ) -> bool:
+        """Publish to one target; True when an at-least-once batch was given up (shutdown)."""
         if t.watchers:
             self._expect_echoes(t, msgs)
         outcome = await self._send(t.adapter, msgs, t.options, t.spec.broker, stop)
         if outcome is _GAVE_UP:
-            return
+            return self.confirm  # at-most-once, the drop was counted: nothing to hold
         st = self.stats
         broker = t.spec.broker
         if outcome is None:
@@ -480,7 +483,7 @@ class RouteRunner:
             st.bytes_out += size
             st.forwarded_to[broker] += len(msgs)
             st.bytes_to[broker] += size
-            return
+            return False
         assert isinstance(outcome, Sequence)
         for k, err in enumerate(outcome):
             if err is None:
@@ -491,6 +494,7 @@ class RouteRunner:
                 st.bytes_to[broker] += size
             else:
                 dead.append((index[k] if index is not None else k, broker, err.reason))
+        return False
 
     def _expect_echoes(self, t: _Target, msgs: list[Message]) -> None:
         echo = self.bridge.echo
@@ -544,18 +548,35 @@ class RouteRunner:
                     reason,
                     len(msgs),
                 )
-                await adapter.wait_connected(within=delay)
-                await asyncio.sleep(delay)
+                await self._pause(adapter, delay, stop)
                 delay = min(delay * 2, 5.0)
                 continue
             return outcome
+
+    async def _pause(self, adapter: Adapter, delay: float, stop: asyncio.Event | None) -> None:
+        """Wait before a retry: until the target is back (at most ``delay``), or ``delay``
+        when it refused while connected; the end of a stop's grace period cuts it short."""
+        wait: asyncio.Future[Any]
+        if adapter.health().state is ConnState.CONNECTED:
+            wait = asyncio.ensure_future(asyncio.sleep(delay))
+        else:
+            wait = asyncio.ensure_future(adapter.wait_connected(within=delay))
+        waits = {wait}
+        if stop is not None and stop.is_set():
+            waits.add(asyncio.ensure_future(self.bridge.abandon.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _dead_letter(
         self,
         batch: Sequence[Incoming],
         dead: list[tuple[int, str, str]],
         stop: asyncio.Event | None,
-    ) -> None:
+    ) -> bool:
+        """Count, log and dead-letter; True when the dead-letter publish was given up."""
         now = time.time()
         for i, target, reason in dead:
             kind = reason.split(":", 1)[0]
@@ -575,7 +596,7 @@ class RouteRunner:
                 "" if self.dead_letter else " (no dead_letter configured: discarded)",
             )
         if self.dead_letter is None or self.dead_adapter is None:
-            return
+            return False
         msgs = []
         for i, target, reason in dead:
             m = batch[i].message
@@ -600,10 +621,13 @@ class RouteRunner:
                 )
             )
         outcome = await self._send(self.dead_adapter, msgs, None, self.dead_letter.broker, stop)
+        if outcome is _GAVE_UP:
+            return self.confirm
         if isinstance(outcome, list) and any(outcome):
             n = sum(1 for e in outcome if e)
             self.stats.dropped["dead letter refused"] += n
             log.error("route %s: dead-letter target refused %d message(s)", self.name, n)
+        return False
 
 
 _GAVE_UP = object()
@@ -707,6 +731,7 @@ class Bridge:
                 for task in late:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.abandon.clear()  # routes stopped later (a reload) get their own grace
         for name in names:
             self.stopped_stats[name] = self._runners[name].stats
             del self._runners[name], self._route_stop[name], self._tasks[name]

@@ -363,6 +363,53 @@ async def test_bridge_restart_mqtt_to_nats(
         await sub.close()
 
 
+async def test_bridge_stopped_while_its_target_is_down_leaves_the_batch_unacked(
+    mosquitto: Mosquitto, nats_own: NatsServer, unique: str, tmp_path: Path
+) -> None:
+    """MQTT QoS 1 -> NATS: the NATS server goes away, messages arrive, and the bridge is
+    stopped; once its shutdown grace runs out it gives the batch up without acknowledging
+    it, so the MQTT session hands it to the next bridge when NATS is back."""
+    p = f"f{unique}"
+    bridge = BridgeProcess(mqtt_to_core_nats(mosquitto.url, nats_own.url, p), tmp_path)
+    pub = await MqttNative(mosquitto.url).open()
+    sub: NatsNative | None = None
+    try:
+        sub = await NatsNative(nats_own.url).open()
+        await sub.subscribe([f"{p}.>"])
+        bridge.start()
+        await probe_until(
+            lambda: pub.publish(f"{p}/probe", b"probe"),
+            lambda: sub is not None and any(m == b"probe" for _, m in sub.received),
+            bridge,
+        )
+        await sub.close()
+        sub = None
+        await asyncio.to_thread(nats_own.stop, False)
+        for i in range(5):
+            await pub.publish(f"{p}/t", str(i).encode())
+        await wait_for(lambda: "holding" in bridge.log(), 10, "the route holding", bridge.log)
+        code = await asyncio.to_thread(bridge.stop, 30.0)  # the grace (10 s) runs out
+        assert code == 0, bridge.log()
+        await asyncio.to_thread(nats_own.start)
+        sub = await NatsNative(nats_own.url).open()
+        await sub.subscribe([f"{p}.>"])
+        bridge.start()
+        await wait_for(
+            lambda: sub is not None and len({m for _, m in data(sub.received)}) == 5,
+            30,
+            "the 5 messages held at shutdown",
+            bridge.log,
+        )
+        assert sorted({m for _, m in data(sub.received)}) == [str(i).encode() for i in range(5)]
+        assert bridge.stop() == 0, bridge.log()
+    finally:
+        if bridge.alive():
+            bridge.kill()
+        await pub.close()
+        if sub is not None:
+            await sub.close()
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 async def test_bridge_restart_jetstream_to_amqp(
     how: str, nats_own: NatsServer, amqp_url: str, unique: str, tmp_path: Path

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from flowbridge import engine
 from flowbridge.adapters.base import Message
 from flowbridge.adapters.memory import (
     MemoryAmqp,
@@ -463,3 +464,28 @@ routes:
     await settle(lambda: [m.payload for m in broker("edge").published] == [b"held"])
     await settle(lambda: not source.open)
     assert source.lost == []
+
+
+async def test_a_batch_given_up_at_shutdown_is_left_unacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The target stays down past the shutdown grace: the bridge stops without acking what
+    it never delivered, so the source redelivers it."""
+    monkeypatch.setattr(engine, "SHUTDOWN_GRACE", 0.3)
+    path = tmp_path / "m.yaml"
+    path.write_text(
+        TWO + 'routes: [{name: up, from: {broker: edge, filter: "#"}, to: {broker: core}}]'
+    )
+    bridge = Bridge(load([str(path)], environ={}, registry=REGISTRY))
+    stop = asyncio.Event()
+    run = asyncio.ensure_future(bridge.run(stop))
+    await asyncio.sleep(0.05)
+    broker("core").down = True
+    edge = broker("edge")
+    edge.deliver(Message("t1", b"x"))
+    await settle(lambda: bridge.stats()["up"].retries >= 1)
+    queue = edge.queues[0]
+    stop.set()
+    await asyncio.wait_for(run, 5.0)
+    assert broker("core").published == []
+    assert queue.acked == []
