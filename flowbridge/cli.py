@@ -339,8 +339,9 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         src = route.source
         sample = sample_topic(src.filter)
         native = encode_topic(sample, src.protocol)
+        piped = f", pipeline {route.pipeline}" if route.pipeline > 1 else ""
         print(
-            f"  {route.name}  ({route.delivery}, max in flight {route.max_in_flight})  "
+            f"  {route.name}  ({route.delivery}, max in flight {route.max_in_flight}{piped})  "
             f"[{route.origin}]",
             file=out,
         )

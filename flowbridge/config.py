@@ -127,6 +127,8 @@ class RouteSpec(_Spec):
     to: Any
     delivery: DeliveryMode | None = None
     max_in_flight: int = Field(1000, ge=1, le=100_000)
+    # Batches written before the oldest is confirmed (at-least-once); 1 keeps order on failure.
+    pipeline: int = Field(1, ge=1, le=64)
     dead_letter: DeadLetterSpec | None = None
     envelope: EnvelopeSpec = Field(default_factory=lambda: EnvelopeSpec.model_validate({}))
 
@@ -196,6 +198,7 @@ class Route(_Frozen):
     dead_letter: DeadLetter | None
     origin: str  # FILE:LINE where the route is defined
     envelope: EnvelopeSpec = Field(default_factory=lambda: EnvelopeSpec.model_validate({}))
+    pipeline: int = 1  # batches in flight to the targets at once
 
     @property
     def durable(self) -> bool:
@@ -902,6 +905,13 @@ class _Loader:
             if spec.dead_letter is not None:
                 dead = self.dead_letter(spec.dead_letter, doc, (*loc, "dead_letter"))
                 ok = ok and dead is not None
+        # At-most-once nothing waits for a confirm, so there is nothing to overlap (without a
+        # source the delivery mode is unknown, and the source's problem was reported).
+        piped = spec is not None and spec.pipeline > 1
+        if piped and source is not None and delivery != AT_LEAST_ONCE:
+            msg = f"applies to at-least-once routes; this one is {delivery}"
+            self.problems.add(doc, (*loc, "pipeline"), msg)
+            ok = False
         if not ok or source is None or spec is None or not targets:
             return None
         return Route(
@@ -913,6 +923,7 @@ class _Loader:
             dead_letter=dead,
             origin=doc.where(loc),
             envelope=spec.envelope,
+            pipeline=spec.pipeline,
         )
 
     def resolve_source(

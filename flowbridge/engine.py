@@ -166,6 +166,7 @@ class RouteRunner:
         self.source = bridge.adapters[route.source.broker]
         self.protocol = route.source.protocol
         self.confirm = route.durable
+        self.depth = route.pipeline
         self.stats = RouteStats()
         levels = route.source.filter.levels
         # NATS and AMQP subscriptions cannot skip '$' topics themselves.
@@ -230,8 +231,14 @@ class RouteRunner:
             if waiting[0] and not self.source.interrupt(self.name):
                 task.cancel(_STOP)
 
+        def failed(t: asyncio.Task[None]) -> None:
+            # A pipelined batch that raised ends the route now, not when the next batch comes.
+            if waiting[0] and not t.cancelled() and t.exception() is not None:
+                task.cancel(_FAILED)
+
         stopping = asyncio.ensure_future(stop.wait())
         stopping.add_done_callback(interrupt)
+        piped: collections.deque[asyncio.Task[None]] = collections.deque()  # oldest first
         try:
             while not stop.is_set():
                 waiting[0] = True
@@ -240,14 +247,26 @@ class RouteRunner:
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError as exc:
-                    if stop.is_set() and exc.args == (_STOP,):
+                    if (stop.is_set() and exc.args == (_STOP,)) or exc.args == (_FAILED,):
                         task.uncancel()
-                        break
+                        break  # a failed batch raises below
                     raise
                 finally:
                     waiting[0] = False
-                if batch:
+                if not batch:
+                    continue
+                if self.depth == 1:
                     await self.handle(batch, stop)
+                    continue
+                # Pipelined: this batch is written while those before it wait for their
+                # confirms; each acks only after the one before it did.
+                after = piped[-1] if piped else None
+                piped.append(asyncio.create_task(self.handle(batch, stop, after)))
+                piped[-1].add_done_callback(failed)
+                while piped and (len(piped) >= self.depth or piped[0].done()):
+                    await piped.popleft()
+            while piped:
+                await piped.popleft()
             if self.confirm:
                 # What the source already received goes out too, so a restart or reload
                 # resumes where this left off, in order.
@@ -255,19 +274,26 @@ class RouteRunner:
                 if rest:
                     await self.handle(rest, stop)
         finally:
+            for t in piped:  # only left when the route failed
+                t.cancel()
             stopping.remove_done_callback(interrupt)
             stopping.cancel()
             with contextlib.suppress(Exception):
                 await batches.aclose()
 
-    async def handle(self, batch: Sequence[Incoming], stop: asyncio.Event | None = None) -> None:
+    async def handle(
+        self,
+        batch: Sequence[Incoming],
+        stop: asyncio.Event | None = None,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
         """Forward one batch; returns once every message is delivered or dead-lettered, then
-        acks the batch."""
+        acks the batch (after the batch ``after`` was acked: sources take acks in order)."""
         st = self.stats
         started = time.monotonic()
         n = len(batch)
         st.received += n
-        st.in_flight = n
+        st.in_flight += n
         dead: list[tuple[int, str, str]] = []  # (batch index, target, reason)
         via = self.via
         # Checks most routes never need, decided once per batch.
@@ -315,10 +341,12 @@ class RouteRunner:
             held = any(await asyncio.gather(*sends))
         if dead:
             held = await self._dead_letter(batch, dead, stop) or held
+        if after is not None:
+            await after
         if acks and not held:
             for d in batch:
                 d.ack()
-        st.in_flight = 0
+        st.in_flight -= n
         st.observe(time.monotonic() - started, n)
 
     def _screen(self, i: int, m: Message, dead: list[tuple[int, str, str]]) -> Message | None:
@@ -632,6 +660,7 @@ class RouteRunner:
 
 _GAVE_UP = object()
 _STOP = "route stopping"  # the cancel message of a stop interrupting the wait for a batch
+_FAILED = "pipelined batch failed"  # the same, for a pipelined batch that raised
 
 
 class Bridge:
@@ -852,6 +881,7 @@ def _route_key(r: Route) -> tuple[Any, ...]:
         r.max_in_flight,
         r.dead_letter,
         r.envelope,
+        r.pipeline,
     )
 
 

@@ -93,6 +93,10 @@ def test_check_prints_route_table(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "nats://u:***@127.0.0.1:4222" in out
     assert "hunter2" not in out
     assert out.endswith("OK: 2 brokers, 1 route\n")
+    path.write_text(GOOD + "    pipeline: 8\n")
+    code, out, err = run(capsys, "check", "-c", str(path))
+    assert (code, err) == (0, "")
+    assert "  up  (at-least-once, max in flight 1000, pipeline 8)" in out
 
 
 def test_check_merges_several_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -369,7 +369,7 @@ routes:
         "m.yaml:9: routes[0].from.fitler: unknown key (did you mean 'filter'?)",
         "m.yaml:10: routes[0].to.topik: unknown key (did you mean 'topic'?)",
         "m.yaml:11: routes[0].zzz: unknown key; known keys: name, from, to, delivery, "
-        "max_in_flight, dead_letter, envelope",
+        "max_in_flight, pipeline, dead_letter, envelope",
     ]
 
 
@@ -440,6 +440,29 @@ routes:
     assert p.startswith("m.yaml:4: brokers.bad.url: ")
     assert message in p
     assert "secret" not in p
+
+
+def test_pipeline_is_for_at_least_once_routes_and_bounded(files: Path) -> None:
+    text = (
+        BROKERS
+        + """\
+routes:
+  - {name: ok, from: {broker: log, filter: a}, to: {broker: core}, pipeline: 4}
+  - {name: plain, from: {broker: log, filter: a}, to: {broker: core}}
+  - name: amo
+    from: {broker: log, filter: a}
+    to: {broker: core}
+    delivery: at-most-once
+    pipeline: 2
+  - {name: big, from: {broker: log, filter: a}, to: {broker: core}, pipeline: 65}
+"""
+    )
+    assert problems(text) == [
+        "m.yaml:13: routes[2].pipeline: applies to at-least-once routes; this one is at-most-once",
+        "m.yaml:14: routes[3].pipeline: Input should be less than or equal to 64",
+    ]
+    good = load(text.split("  - name: amo")[0])
+    assert [r.pipeline for r in good.routes] == [4, 1]
 
 
 def test_kafka_bootstrap_list_is_accepted(files: Path) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from flowbridge import engine
-from flowbridge.adapters.base import Message
+from flowbridge.adapters.base import Message, Options, PublishOutcome
 from flowbridge.adapters.memory import (
     MemoryAmqp,
     MemoryBroker,
@@ -466,16 +466,118 @@ routes:
     assert source.lost == []
 
 
+class _GatedNats(MemoryNats):
+    """A target that writes at once and confirms each publish only when the test says so."""
+
+    gates: ClassVar[list[asyncio.Future[None]]] = []
+    active: ClassVar[int] = 0
+    most: ClassVar[int] = 0  # publishes awaiting their confirm at once, at most
+    fail: ClassVar[bool] = False
+
+    async def publish(
+        self, messages: Sequence[Message], *, confirm: bool, options: Options | None = None
+    ) -> PublishOutcome:
+        if _GatedNats.fail:
+            raise RuntimeError("a bug in an adapter")
+        out = await super().publish(messages, confirm=confirm, options=options)
+        gate = asyncio.get_running_loop().create_future()
+        _GatedNats.gates.append(gate)
+        _GatedNats.active += 1
+        _GatedNats.most = max(_GatedNats.most, _GatedNats.active)
+        try:
+            await gate
+        finally:
+            _GatedNats.active -= 1
+        return out
+
+
+@pytest.fixture
+def gated() -> dict[str, Any]:
+    _GatedNats.gates = []
+    _GatedNats.active = _GatedNats.most = 0
+    _GatedNats.fail = False
+    return {**REGISTRY, "nats": _GatedNats}
+
+
+def _piped(depth: int) -> str:
+    return (
+        TWO
+        + f"""
+routes:
+  - name: up
+    from: {{broker: edge, filter: "#"}}
+    to: [{{broker: core}}]
+    pipeline: {depth}
+"""
+    )
+
+
+async def test_a_pipelined_route_writes_ahead_and_acks_in_order(
+    start: Callable[..., Awaitable[Running]], gated: dict[str, Any]
+) -> None:
+    await start(_piped(3), registry=gated)
+    edge, core = broker("edge"), broker("core")
+    for k in range(1, 4):  # one batch each: the next is delivered once this one is written
+        edge.deliver(Message(f"t{k}", b"x"))
+        await settle(lambda k=k: len(_GatedNats.gates) == k)
+    assert [m.topic for m in core.published] == ["t1", "t2", "t3"]  # none confirmed yet
+    edge.deliver(Message("t4", b"x"))
+    await asyncio.sleep(0.1)
+    assert len(core.published) == 3  # three batches in flight: the fourth waits
+    _GatedNats.gates[2].set_result(None)
+    _GatedNats.gates[1].set_result(None)
+    await asyncio.sleep(0.05)
+    assert edge.queues[0].acked == []  # confirmed, but the first is not
+    _GatedNats.gates[0].set_result(None)
+    await settle(lambda: edge.queues[0].acked == [1, 2, 3])
+    await settle(lambda: len(_GatedNats.gates) == 4)
+    _GatedNats.gates[3].set_result(None)
+    await settle(lambda: edge.queues[0].acked == [1, 2, 3, 4])
+    assert [m.topic for m in core.published] == ["t1", "t2", "t3", "t4"]
+    assert _GatedNats.most == 3
+
+
+async def test_without_pipeline_a_batch_waits_for_the_confirm_before(
+    start: Callable[..., Awaitable[Running]], gated: dict[str, Any]
+) -> None:
+    await start(_piped(1), registry=gated)
+    edge, core = broker("edge"), broker("core")
+    edge.deliver(Message("t1", b"x"))
+    await settle(lambda: len(_GatedNats.gates) == 1)
+    edge.deliver(Message("t2", b"x"))
+    await asyncio.sleep(0.1)
+    assert [m.topic for m in core.published] == ["t1"]
+    _GatedNats.gates[0].set_result(None)
+    await settle(lambda: len(_GatedNats.gates) == 2)
+    _GatedNats.gates[1].set_result(None)
+    await settle(lambda: broker("edge").queues[0].acked == [1, 2])
+    assert _GatedNats.most == 1
+
+
+async def test_a_pipelined_batch_that_raises_ends_the_route_at_once(
+    tmp_path: Path, gated: dict[str, Any]
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(_piped(4))
+    bridge = Bridge(load([str(path)], environ={}, registry=gated))
+    run = asyncio.ensure_future(bridge.run(asyncio.Event()))
+    await asyncio.sleep(0.05)
+    _GatedNats.fail = True
+    broker("edge").deliver(Message("t1", b"x"))  # then nothing more comes
+    with pytest.raises(RuntimeError, match="a bug in an adapter"):
+        await asyncio.wait_for(run, 2.0)
+    assert broker("edge").queues == [] or broker("edge").queues[0].acked == []
+
+
+@pytest.mark.parametrize("depth", [1, 3])
 async def test_a_batch_given_up_at_shutdown_is_left_unacked(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, depth: int
 ) -> None:
     """The target stays down past the shutdown grace: the bridge stops without acking what
     it never delivered, so the source redelivers it."""
     monkeypatch.setattr(engine, "SHUTDOWN_GRACE", 0.3)
     path = tmp_path / "m.yaml"
-    path.write_text(
-        TWO + 'routes: [{name: up, from: {broker: edge, filter: "#"}, to: {broker: core}}]'
-    )
+    path.write_text(_piped(depth))
     bridge = Bridge(load([str(path)], environ={}, registry=REGISTRY))
     stop = asyncio.Event()
     run = asyncio.ensure_future(bridge.run(stop))
