@@ -1,7 +1,8 @@
 """The suites beside the per-case table: bursts and memory (``burst.py``), scale-out
-(``scaleout.py``) and latency into Kafka (``kafka_latency.py``).  They run on a full run, or
-when ``--only`` names them (``--only burst``, ``--only scale``, ``--only kafka-latency``; with
-``--quick``, their quick variants)."""
+(``scaleout.py``), latency into Kafka (``kafka_latency.py``) and across a slow link
+(``wan.py``).  They run on a full run, or when ``--only`` names them (``--only burst``,
+``--only scale``, ``--only kafka-latency``, ``--only wan``; with ``--quick``, their quick
+variants)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks import burst, kafka_latency, scaleout
+from benchmarks import burst, kafka_latency, scaleout, wan
 from benchmarks.run import Brokers, Plan
 
 Rows = list[dict[str, Any]]
@@ -19,6 +20,7 @@ SUITES: dict[str, tuple[Callable[[Plan, Brokers, Path], list[Any]], Callable[[Ro
     "burst": (burst.run_burst, burst.markdown),
     "scale-out": (scaleout.run_scaleout, scaleout.markdown),
     "kafka-latency": (kafka_latency.run_kafka_latency, kafka_latency.markdown),
+    "wan": (wan.run_wan, wan.markdown),
 }
 
 

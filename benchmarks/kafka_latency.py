@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,12 @@ from benchmarks.run import (
     PY,
     ROOT,
     Brokers,
+    Case,
     End,
     Plan,
-    Sub,
     _probe,
     cases,
-    gen,
-    run_pub,
+    latency_of,
     say,
     start,
     terminate,
@@ -47,6 +46,28 @@ class LatencyResult:
     p50_us: list[float] = field(default_factory=list)  # one per run
     p99_us: list[float] = field(default_factory=list)
     p999_us: list[float] = field(default_factory=list)
+
+    def add(self, lat: dict[str, float]) -> None:
+        self.p50_us.append(lat["p50"])
+        self.p99_us.append(lat["p99"])
+        self.p999_us.append(lat["p999"])
+        say(f"    p50/p99/p99.9 {lat['p50']:.0f}/{lat['p99']:.0f}/{lat['p999']:.0f} us")
+
+    def measure(
+        self, begin: Callable[[], Any], src: End, dst: End, url: dict[str, str], count: int
+    ) -> None:
+        """One run: ``begin`` starts what carries the messages (None: nothing), stopped after."""
+        carrier: Any = None
+        try:
+            carrier = begin()
+            self.add(latency_of(src, dst, url, count))
+        except Exception as exc:  # one broken measurement must not end the run
+            self.error = f"{type(exc).__name__}: {exc}"
+            say(f"    ERROR {self.error[:160]}")
+        finally:
+            if carrier is not None:
+                carrier.stop()
+        time.sleep(0.2)
 
 
 class _Forwarder:
@@ -86,38 +107,25 @@ def run_kafka_latency(plan: Plan, b: Brokers, workdir: Path) -> list[LatencyResu
             )
             src = case.pub
             dst = case.sub if impl != "direct" else End(src.proto, src.topic, src.qos)
-            bridge: Any = None
-            try:
-                if impl == "forwarder":
-                    for step in case.setup:
-                        step()
-                    bridge = _Forwarder(b, src, dst)
-                    _probe(bridge, src, dst, url)
-                else:
-                    bridge = start(b, case, impl, workdir, probe=True)
-                run = uuid.uuid4().hex[:8]
-                sub = Sub(gen("sub", dst, url[dst.proto], run, COUNT, idle=3.0, latency=True))
+
+            def begin(case: Case = case, impl: str = impl, src: End = src, dst: End = dst) -> Any:
+                if impl != "forwarder":
+                    return start(b, case, impl, workdir, probe=True)
+                for step in case.setup:
+                    step()
+                fwd = _Forwarder(b, src, dst)
                 try:
-                    run_pub(gen("pub", src, url[src.proto], run, COUNT, rate=LAT_RATE), 120)
-                    lat = sub.result(60)["lat_us"]
-                finally:
-                    sub.kill()
-                r = out[impl]
-                r.p50_us.append(lat["p50"])
-                r.p99_us.append(lat["p99"])
-                r.p999_us.append(lat["p999"])
-                say(f"    p50/p99/p99.9 {lat['p50']:.0f}/{lat['p99']:.0f}/{lat['p999']:.0f} us")
-            except Exception as exc:  # one broken measurement must not end the run
-                out[impl].error = f"{type(exc).__name__}: {exc}"
-                say(f"    ERROR {out[impl].error[:160]}")
-            finally:
-                if bridge is not None:
-                    bridge.stop()
-            time.sleep(0.2)
+                    _probe(fwd, src, dst, url)
+                except Exception:
+                    fwd.stop()
+                    raise
+                return fwd
+
+            out[impl].measure(begin, src, dst, url, COUNT)
     return list(out.values())
 
 
-def _med(values: list[float]) -> str:
+def med(values: list[float]) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
@@ -142,7 +150,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             added = f"{statistics.median(r['p50_us']) - base:+.0f}"
         runs = " / ".join(f"{v:.0f}" for v in r["p50_us"]) or r["error"][:80].replace("|", "/")
         out.append(
-            f"| {r['impl']} | {r['note']} | {_med(r['p50_us'])} | {_med(r['p99_us'])} | "
-            f"{_med(r['p999_us'])} | {added} | {runs} |"
+            f"| {r['impl']} | {r['note']} | {med(r['p50_us'])} | {med(r['p99_us'])} | "
+            f"{med(r['p999_us'])} | {added} | {runs} |"
         )
     return "\n".join(out) + "\n"

@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -528,9 +529,14 @@ class Bridge:
         self.impl = impl
         self.log = workdir / f"{impl}-{case.tag}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if impl == "flowbridge":
-            cfg = workdir / f"{case.tag}.yaml"
-            cfg.write_text(case.flowbridge)
+        if impl.startswith("flowbridge"):
+            cfg = workdir / f"{case.tag}-{impl}.yaml"
+            text = case.flowbridge
+            if impl.startswith("flowbridge-p"):  # the same route with ``pipeline: N``
+                depth = impl.removeprefix("flowbridge-p")
+                line = re.compile(r"^( +)(max_in_flight: \d+)$", re.MULTILINE)
+                text = line.sub(rf"\1\2\n\1pipeline: {depth}", text, count=1)
+            cfg.write_text(text)
             cmd = [PY, "-m", "flowbridge", "run", "-c", str(cfg), "--log-level", "warning"]
         else:
             cmd = [PY, "-m", "benchmarks.peer", json.dumps(case.peer)]
@@ -598,6 +604,18 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     return box[0]
 
 
+def latency_of(src: End, dst: End, url: dict[str, str], count: int) -> dict[str, float]:
+    """One run of ``count`` messages at LAT_RATE from ``src`` to ``dst``: p50/p99/p999 (us)."""
+    run = uuid.uuid4().hex[:8]
+    sub = Sub(gen("sub", dst, url[dst.proto], run, count, idle=3.0, latency=True))
+    try:
+        run_pub(gen("pub", src, url[src.proto], run, count, rate=LAT_RATE), 120)
+        lat: dict[str, float] = sub.result(60)["lat_us"]
+    finally:
+        sub.kill()
+    return lat
+
+
 def run_pub(cmd: list[str], timeout: float) -> dict[str, Any]:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
     if p.returncode != 0:
@@ -643,6 +661,7 @@ class Plan:
     only: list[str]
     repeat: int = 1
     mode: str | None = None  # only this delivery mode
+    pipeline: int = 1  # above 1: at-least-once cases also run flowbridge-pN, alternating
 
 
 def median_run(runs: list[Result]) -> Result:
@@ -910,6 +929,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--repeat", type=int, help="runs per bridge and case, median reported (quick: 3, else 1)"
     )
+    ap.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        help="also run at-least-once cases with the route option pipeline: N (alternating)",
+    )
     args = ap.parse_args(argv)
     plan = Plan(
         quick=args.quick,
@@ -920,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         only=args.only,
         repeat=max(1, args.repeat or (3 if args.quick else 1)),
         mode=args.mode,
+        pipeline=args.pipeline,
     )
     peer_ok = ""
     if plan.peer:
@@ -955,6 +981,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(base)
                 say(line(base))
                 impls = ["flowbridge"] + (["mq-bridge"] if plan.peer and peer_ok else [])
+                if plan.pipeline > 1 and case.mode == "at-least-once":
+                    impls.insert(1, f"flowbridge-p{plan.pipeline}")
                 impls = [i for i in impls if i != "mq-bridge" or case.peer is not None]
                 # Repeats alternate the bridges, so both see the same moments of a noisy
                 # machine; each reports its median run.
