@@ -158,6 +158,11 @@ def targets(rows: list[Row], suites: dict[str, list[Row]] | None = None) -> str:
             continue
         source, target = r["case"].split(" ")[0].split("->")
         ends = [_direct(rows, proto, r["mode"], r["size"]) for proto in (source, target)]
+        base = _find(rows, _key(r), "direct")
+        if base and base["p50_us"] is not None:  # this case's own baselines, same moments
+            ends = [base]
+            if base.get("target_p50_us") is not None:
+                ends.append({"p50_us": base["target_p50_us"], "p99_us": base["target_p99_us"]})
         if any(e is None or e["p50_us"] is None for e in ends):
             continue
         where = f"{r['case']} {r['mode']} {_size(r['size'])}"
@@ -236,11 +241,14 @@ def markdown(
         "every run's rate is in results.json)\n"
         f"- wall time: {meta['elapsed_s']} s\n\n"
         "## Targets\n\n" + targets(rows, suites) + "\n\n## All cases\n\n"
-        "`direct` is the same publisher and subscriber on the source broker with no bridge; "
-        "`added` is the bridge's latency minus direct. CPU is the bridge process over the "
-        "throughput window (100% = one core), and per message forwarded (CPU us/msg: what the "
-        "bridge costs, comparable even when other processes share the cores); RSS is its "
-        "peak (VmHWM).\n\n" + table(rows) + "\n\n## Load generator ceilings\n\n"
+        "`direct` is the same publisher and subscriber on the source broker with no bridge: "
+        "its throughput measured once per source, its latency in every repeat of the case, "
+        "beside the bridges (and the target broker's own path with it, for the targets "
+        "checked against the slower path). Latency figures are medians over the runs, each "
+        "percentile apart. `added` is the bridge's latency minus direct. CPU is the bridge "
+        "process over the throughput window (100% = one core), and per message forwarded "
+        "(CPU us/msg: what the bridge costs, comparable even when other processes share the "
+        "cores); RSS is its peak (VmHWM).\n\n" + table(rows) + "\n\n## Load generator ceilings\n\n"
         "The publisher's send rate in the direct run (a Kafka source is pre-filled, so it has "
         "none) and what one subscriber takes directly: bridged rates below these are the "
         "bridge's, not the generators'.\n\n" + "\n".join(gen) + "\n"

@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -604,12 +605,14 @@ def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     return box[0]
 
 
-def latency_of(src: End, dst: End, url: dict[str, str], count: int) -> dict[str, float]:
+def latency_of(
+    src: End, dst: End, url: dict[str, str], count: int, size: int = 100
+) -> dict[str, float]:
     """One run of ``count`` messages at LAT_RATE from ``src`` to ``dst``: p50/p99/p999 (us)."""
     run = uuid.uuid4().hex[:8]
     sub = Sub(gen("sub", dst, url[dst.proto], run, count, idle=3.0, latency=True))
     try:
-        run_pub(gen("pub", src, url[src.proto], run, count, rate=LAT_RATE), 120)
+        run_pub(gen("pub", src, url[src.proto], run, count, size=size, rate=LAT_RATE), 120)
         lat: dict[str, float] = sub.result(60)["lat_us"]
     finally:
         sub.kill()
@@ -649,6 +652,10 @@ class Result:
     cpu_pct: float | None = None
     rss_mb: float | None = None
     rates: list[float | None] = field(default_factory=list)  # every repeat's msg/s
+    lat_runs: list[list[float]] = field(default_factory=list)  # every repeat's p50/p99/p999
+    # direct rows: the target broker's own pub -> sub, measured at the same moments
+    target_p50_us: float | None = None
+    target_p99_us: float | None = None
 
 
 @dataclass
@@ -670,6 +677,12 @@ def median_run(runs: list[Result]) -> Result:
     ok = sorted((r for r in runs if not r.error), key=lambda r: r.msgs_per_s or 0.0)
     chosen = ok[len(ok) // 2] if ok else runs[-1]
     chosen.rates = [r.msgs_per_s for r in runs]
+    lat = [r for r in ok if r.p50_us is not None and r.p99_us is not None and r.p999_us]
+    if lat:  # each percentile the median of the runs', not the one run of the median rate
+        chosen.lat_runs = [[r.p50_us or 0.0, r.p99_us or 0.0, r.p999_us or 0.0] for r in lat]
+        chosen.p50_us, chosen.p99_us, chosen.p999_us = (
+            statistics.median(v) for v in zip(*chosen.lat_runs, strict=True)
+        )
     return chosen
 
 
@@ -819,6 +832,19 @@ def measure(
 def renew(b: Brokers, case: Case, size: int) -> Case:
     """The same case on topics, streams and groups of its own."""
     return next(c for c in cases(b, size) if (c.name, c.mode) == (case.name, case.mode))
+
+
+def direct_latency(plan: Plan, b: Brokers, proto: str, mode: str, size: int) -> list[float]:
+    """One latency run of a broker's own pub -> sub (the source End of a case reading from
+    ``proto`` in ``mode``, or any mode), on topics of its own: p50/p99/p999 (us)."""
+    found = [c for c in cases(b, size) if c.pub.proto == proto]
+    case = next((c for c in found if c.mode == mode), found[0])
+    src = case.pub
+    if proto == "kafka":
+        kafka_create(b, src.topic)
+    url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+    lat = latency_of(src, End(src.proto, src.topic, src.qos), url, plan.lat_count, size)
+    return [lat["p50"], lat["p99"], lat["p999"]]
 
 
 def start(
@@ -988,11 +1014,40 @@ def main(argv: list[str] | None = None) -> int:
                 # machine; each reports its median run.
                 runs: dict[str, list[Result]] = {impl: [] for impl in impls}
                 n = bridged_count(plan, size, direct[key])
+                # Latency baselines are measured in every repeat beside the bridges, at the
+                # same moments of the machine: the source broker's own path and the target's.
+                target = case.sub.proto if case.sub.proto != case.pub.proto else None
+                src_lat: list[list[float]] = []
+                dst_lat: list[list[float]] = []
                 for _ in range(plan.repeat):
+                    try:
+                        src_lat.append(direct_latency(plan, b, case.pub.proto, case.mode, size))
+                        if target is not None:
+                            dst_lat.append(direct_latency(plan, b, target, case.mode, size))
+                    except Exception as exc:  # the bridges still run; the baseline says so
+                        say(f"    direct latency ERROR {type(exc).__name__}: {exc}")
                     for impl in impls:
                         r = measure(plan, b, case, size=size, impl=impl, workdir=workdir, count=n)
                         runs[impl].append(r)
                         say(line(r))
+                if src_lat:
+                    base.lat_runs = src_lat
+                    base.p50_us, base.p99_us, base.p999_us = (
+                        statistics.median(v) for v in zip(*src_lat, strict=True)
+                    )
+                    if dst_lat:
+                        base.target_p50_us = statistics.median(r[0] for r in dst_lat)
+                        base.target_p99_us = statistics.median(r[1] for r in dst_lat)
+                    say(
+                        f"    direct latency, median of {len(src_lat)}: p50/p99 "
+                        f"{base.p50_us:.0f}/{base.p99_us:.0f} us"
+                        + (
+                            f"; {target} own path {base.target_p50_us:.0f}/"
+                            f"{base.target_p99_us:.0f} us"
+                            if base.target_p50_us is not None and base.target_p99_us is not None
+                            else ""
+                        )
+                    )
                 for impl in impls:
                     r = median_run(runs[impl])
                     results.append(r)
