@@ -152,13 +152,17 @@ async def _wait_nats(proc: asyncio.subprocess.Process, host: str, port: int, log
                 f"embedded nats-server exited with {proc.returncode} before accepting "
                 f"connections on {host}:{port}:\n{_log_tail(logfile)}"
             )
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that
+        # arrives as its awaitable completes, and the caller would go on starting.
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError):
             pass
         else:
             try:
-                line = await asyncio.wait_for(reader.readline(), 2.0)
+                async with asyncio.timeout(2.0):
+                    line = await reader.readline()
             except (OSError, TimeoutError):
                 line = b""
             finally:
