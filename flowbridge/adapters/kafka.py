@@ -419,8 +419,11 @@ class _Source:
         consumer.pause(*consumer.assignment())
         self.room.clear()
         if self.limit - self.in_flight <= 0:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel (a route
+            # stopping) that arrives as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.room.wait(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await self.room.wait()
         if self.limit - self.in_flight > 0:
             return {}
         # Paused partitions return nothing; anything that still comes is delivered, not lost.

@@ -330,7 +330,10 @@ class MqttAdapter(Adapter):
         """Reconnect after losses, forever, and settle orphaned deliveries."""
         while not self._closed:
             try:
-                await asyncio.wait_for(self._lost.wait(), ORPHAN_GRACE / 2)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel (close)
+                # that arrives as the event is set.
+                async with asyncio.timeout(ORPHAN_GRACE / 2):
+                    await self._lost.wait()
             except TimeoutError:
                 self._expire_orphans()
                 continue

@@ -518,8 +518,11 @@ class _PullConsumer:
             nc = adapter.client()
             if nc is None or not nc.is_connected:
                 self.wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that
+                # arrives as the event is set (here and below).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await self.wake.wait()
                 continue
             if not self.ready:
                 try:
@@ -550,7 +553,8 @@ class _PullConsumer:
                 self.wake.clear()
                 wait = self.deadline - now if self.outstanding > 0 else self.opts.expires
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), max(wait, 0.01))
+                    async with asyncio.timeout(max(wait, 0.01)):
+                        await self.wake.wait()
                 continue
             n = min(budget, MAX_PULL_BATCH)
             request = b'{"batch":%d,"expires":%d}' % (n, int(self.opts.expires * 1e9))
@@ -1055,7 +1059,8 @@ class NatsAdapter(Adapter):
             while nc.is_connected and c.outstanding > 0 and time.monotonic() < c.deadline:
                 c.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(c.wake.wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await c.wake.wait()
         try:
             for consumer in consumers:
                 sub = nc._subs.get(consumer.spec.sid) if consumer.spec else None
