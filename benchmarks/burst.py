@@ -177,9 +177,7 @@ def run_burst(plan: Plan, b: Brokers, workdir: Path) -> list[BurstResult]:
 
 
 def _url(b: Brokers, end: End) -> str:
-    return {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}[
-        end.proto
-    ]
+    return b.urls[end.proto]
 
 
 def measure_burst(b: Brokers, case: Case, count: int, workdir: Path) -> BurstResult:

@@ -95,7 +95,7 @@ def run_kafka_latency(plan: Plan, b: Brokers, workdir: Path) -> list[LatencyResu
         "mq-bridge": "NATS -> mq-bridge -> Kafka",
     }
     out = {impl: LatencyResult(impl, notes[impl]) for impl in impls}
-    url = {"nats": b.nats, "kafka": f"kafka://{b.kafka}"}
+    url = b.urls
     for n in range(max(plan.repeat, 3)):
         for impl in impls:
             say(f"kafka-latency run {n + 1}: {impl}")

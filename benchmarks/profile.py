@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         for step in case.setup:
             step()
         bridge = Bridge("flowbridge", case, logs)
-        url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+        url = b.urls
         try:
             time.sleep(3)
             say(f"profiling flowbridge on {case.name} {case.mode} for {args.seconds:.0f} s")

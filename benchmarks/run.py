@@ -70,6 +70,16 @@ class Brokers:
     def mqtt_tcp(self) -> str:
         return self.mqtt.replace("mqtt://", "tcp://")
 
+    @property
+    def urls(self) -> dict[str, str]:
+        """The URL of each protocol's broker, as the load generators take it."""
+        return {
+            "nats": self.nats,
+            "mqtt": self.mqtt,
+            "amqp": self.amqp,
+            "kafka": f"kafka://{self.kafka}",
+        }
+
 
 @contextlib.contextmanager
 def brokers() -> Iterator[Brokers]:
@@ -680,10 +690,13 @@ def median_run(runs: list[Result]) -> Result:
     lat = [r for r in ok if r.p50_us is not None and r.p99_us is not None and r.p999_us]
     if lat:  # each percentile the median of the runs', not the one run of the median rate
         chosen.lat_runs = [[r.p50_us or 0.0, r.p99_us or 0.0, r.p999_us or 0.0] for r in lat]
-        chosen.p50_us, chosen.p99_us, chosen.p999_us = (
-            statistics.median(v) for v in zip(*chosen.lat_runs, strict=True)
-        )
+        chosen.p50_us, chosen.p99_us, chosen.p999_us = _medians(chosen.lat_runs)
     return chosen
+
+
+def _medians(runs: list[list[float]]) -> list[float]:
+    """The median of each position over the runs (p50, p99, p999 apart)."""
+    return [statistics.median(v) for v in zip(*runs, strict=True)]
 
 
 # A throughput run should last about this long: at 200k msg/s a run of 50,000 messages took
@@ -713,7 +726,7 @@ def measure(
     workdir: Path,
     count: int | None = None,
 ) -> Result:
-    url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+    url = b.urls
     n = count or plan.counts[size]
     res = Result(case.name, case.mode, size, impl, count=n)
     if impl == "mq-bridge":
@@ -842,7 +855,7 @@ def direct_latency(plan: Plan, b: Brokers, proto: str, mode: str, size: int) -> 
     src = case.pub
     if proto == "kafka":
         kafka_create(b, src.topic)
-    url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+    url = b.urls
     lat = latency_of(src, End(src.proto, src.topic, src.qos), url, plan.lat_count, size)
     return [lat["p50"], lat["p99"], lat["p999"]]
 
@@ -858,7 +871,7 @@ def start(
 ) -> Bridge | None:
     """Set up the case's topics, run ``before`` (a prefill) and start its bridge (None:
     direct); with ``probe``, wait until a message goes through."""
-    url = {"nats": b.nats, "mqtt": b.mqtt, "amqp": b.amqp, "kafka": f"kafka://{b.kafka}"}
+    url = b.urls
     if impl == "direct":
         if case.pub.proto == "kafka":
             kafka_create(b, case.pub.topic)
@@ -1032,12 +1045,9 @@ def main(argv: list[str] | None = None) -> int:
                         say(line(r))
                 if src_lat:
                     base.lat_runs = src_lat
-                    base.p50_us, base.p99_us, base.p999_us = (
-                        statistics.median(v) for v in zip(*src_lat, strict=True)
-                    )
+                    base.p50_us, base.p99_us, base.p999_us = _medians(src_lat)
                     if dst_lat:
-                        base.target_p50_us = statistics.median(r[0] for r in dst_lat)
-                        base.target_p99_us = statistics.median(r[1] for r in dst_lat)
+                        base.target_p50_us, base.target_p99_us, _ = _medians(dst_lat)
                     say(
                         f"    direct latency, median of {len(src_lat)}: p50/p99 "
                         f"{base.p50_us:.0f}/{base.p99_us:.0f} us"

@@ -36,7 +36,8 @@ from benchmarks.run import (
     start,
     terminate,
 )
-from tests.support.brokers import free_port
+from tests.support.brokers import free_port, host_port
+from tests.support.proxy import TcpProxy
 
 DELAY_MS = 5.0
 DEPTH = 16  # more than the batches one round trip holds at 1,000 msg/s
@@ -46,43 +47,45 @@ COUNT = 3000
 # --------------------------------------------------------------------------- the relay
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    """Copy one direction, each chunk written ``delay`` after it was read, in order."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=4096)
+class _DelayedLink(TcpProxy):
+    """The shared test relay, each chunk written ``delay`` after it was read, in order
+    (reading goes on meanwhile, so the link adds latency, not a bandwidth limit)."""
 
-    async def send() -> None:
-        while True:
-            due, data = await queue.get()
-            if not data:
-                break
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
+    def __init__(self, upstream: tuple[str, int], port: int, delay: float) -> None:
+        super().__init__(upstream, port)
+        self.delay = delay
 
-    sender = asyncio.ensure_future(send())
-    with contextlib.suppress(ConnectionError):
-        while data := await reader.read(65536):
-            await queue.put((loop.time() + delay, data))
-    await queue.put((0.0, b""))
-    with contextlib.suppress(ConnectionError):
-        await sender
-    writer.close()
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_broker: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=4096)
+
+        async def send() -> None:
+            while True:
+                due, data = await queue.get()
+                if not data:
+                    break
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(data)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                await queue.put((loop.time() + self.delay, data))
+        await queue.put((0.0, b""))
+        with contextlib.suppress(ConnectionError):
+            await sender
+        writer.close()
 
 
-async def _relay(listen: int, host: str, port: int, delay: float) -> None:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, port)
-        await asyncio.gather(
-            _pump(reader, up_writer, delay), _pump(up_reader, writer, delay), return_exceptions=True
-        )
-
-    server = await asyncio.start_server(serve, "127.0.0.1", listen)
+async def _relay(listen: int, upstream: tuple[str, int], delay: float) -> None:
+    await _DelayedLink(upstream, listen, delay).start()
     print("READY", flush=True)
-    async with server:
-        await server.serve_forever()
+    await asyncio.Event().wait()  # until the process is terminated
 
 
 # --------------------------------------------------------------------------- the suite
@@ -90,7 +93,7 @@ async def _relay(listen: int, host: str, port: int, delay: float) -> None:
 
 def run_wan(plan: Plan, b: Brokers, workdir: Path) -> list[LatencyResult]:
     port = free_port()
-    host, nats_port = b.nats.removeprefix("nats://").rsplit(":", 1)
+    host, nats_port = host_port(b.nats, 4222)
     cmd = [PY, "-m", "benchmarks.wan", "--listen", str(port), "--to", f"{host}:{nats_port}"]
     link = subprocess.Popen(
         [*cmd, "--delay-ms", str(DELAY_MS)], stdout=subprocess.PIPE, text=True, cwd=ROOT
@@ -102,7 +105,7 @@ def run_wan(plan: Plan, b: Brokers, workdir: Path) -> list[LatencyResult]:
         piped: f"pipeline: {DEPTH}",
     }
     out = {impl: LatencyResult(impl, note) for impl, note in notes.items()}
-    url = {"nats": b.nats, "mqtt": b.mqtt}
+    url = b.urls
     try:
         if _readline(link, 10).strip() != "READY":
             raise RuntimeError("the delay relay did not start")
@@ -170,9 +173,9 @@ def main() -> None:
     ap.add_argument("--to", required=True, help="HOST:PORT")
     ap.add_argument("--delay-ms", type=float, default=DELAY_MS)
     args = ap.parse_args()
-    host, port = args.to.rsplit(":", 1)
+    upstream = host_port(f"tcp://{args.to}", 4222)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_relay(args.listen, host, int(port), args.delay_ms / 1000))
+        asyncio.run(_relay(args.listen, upstream, args.delay_ms / 1000))
 
 
 if __name__ == "__main__":
