@@ -1,7 +1,11 @@
-"""The smallest NATS -> Kafka forwarder: ``python -m benchmarks.forwarder NATS KAFKA SUBJECT
-TOPIC``.  nats-py subscription, one aiokafka ``send()`` per message (acks=1, no linger, no
-compression, no headers): the latency floor a bridge through these two client libraries has,
-for the ``kafka-latency`` suite.  Not a bridge: no acks, no loss accounting."""
+"""The smallest forwarders between NATS and Kafka, for the ``kafka-latency`` suite:
+``python -m benchmarks.forwarder NATS KAFKA SUBJECT TOPIC [--from-kafka]``.
+
+Into Kafka: a nats-py subscription, one aiokafka ``send()`` per message (acks=1, no linger,
+no compression, no headers).  Out of Kafka (``--from-kafka``): an aiokafka consumer assigned
+the topic's partition 0 (the benchmark's fetch wait), one nats-py ``publish()`` per record,
+a flush per fetch.  The latency floor a bridge through these two client libraries has.  Not
+a bridge: no acks, no loss accounting."""
 
 from __future__ import annotations
 
@@ -11,16 +15,19 @@ import sys
 from urllib.parse import urlsplit
 
 import nats
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from nats.aio.msg import Msg
 
+FETCH_MAX_WAIT_MS = 5  # as the benchmark's Kafka subscriber and bridges fetch
 
-async def forward(nats_url: str, kafka: str, subject: str, topic: str) -> None:
+
+def _servers(kafka: str) -> str:
+    return urlsplit(kafka).netloc or kafka
+
+
+async def into_kafka(nats_url: str, kafka: str, subject: str, topic: str) -> None:
     producer = AIOKafkaProducer(
-        bootstrap_servers=urlsplit(kafka).netloc or kafka,
-        acks=1,
-        linger_ms=0,
-        enable_idempotence=False,
+        bootstrap_servers=_servers(kafka), acks=1, linger_ms=0, enable_idempotence=False
     )
     await producer.start()
     nc = await nats.connect(nats_url)
@@ -37,12 +44,38 @@ async def forward(nats_url: str, kafka: str, subject: str, topic: str) -> None:
         await producer.stop()
 
 
+async def out_of_kafka(nats_url: str, kafka: str, subject: str, topic: str) -> None:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=_servers(kafka),
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, 0)])
+    nc = await nats.connect(nats_url)
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for rec in records:
+                    await nc.publish(subject, rec.value or b"")
+            if batch:
+                await nc.flush()
+    finally:
+        await nc.close()
+        await consumer.stop()
+
+
 def main() -> None:
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: PLC0415
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    asyncio.run(forward(*sys.argv[1:5]))
+    args = [a for a in sys.argv[1:] if a != "--from-kafka"]
+    run = out_of_kafka if "--from-kafka" in sys.argv[1:] else into_kafka
+    asyncio.run(run(*args[:4]))
 
 
 if __name__ == "__main__":
