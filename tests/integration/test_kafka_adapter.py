@@ -500,6 +500,21 @@ async def test_never_more_than_max_in_flight(kafka_url: str, unique: str) -> Non
     assert [d.message.payload for d in got] == [b"%d" % i for i in range(30)]
 
 
+async def test_records_larger_than_fetch_max_bytes_still_come_in_order(
+    kafka_url: str, unique: str
+) -> None:
+    # fetch_max_bytes bounds what one fetch holds, not the largest record a route can read.
+    topic = f"fb.fetchmax.{unique}"
+    big = [bytes([65 + i]) * 40_000 for i in range(6)]
+    await produce(kafka_url, [(topic, v, []) for v in [*big, b"tail"]])
+    async with connected(kafka_url, fetch_max_bytes=4096) as a:
+        assert a.opts.fetch_max_bytes == 4096
+        pump = Pump(a.subscribe(sub(f"r{unique}", literal(topic))))
+        got = [d.message.payload for d in await pump.wait_for(7, within=30)]
+        await pump.stop()
+    assert got == [*big, b"tail"]
+
+
 async def test_start_latest_skips_existing(kafka_url: str, unique: str) -> None:
     topic = f"fb.latest.{unique}"
     await produce(kafka_url, [(topic, b"old", [])])
