@@ -1,5 +1,5 @@
 """The suites beside the per-case table: bursts and memory (``burst.py``), scale-out
-(``scaleout.py``), latency into Kafka (``kafka_latency.py``) and across a slow link
+(``scaleout.py``), latency through Kafka (``kafka_latency.py``) and across a slow link
 (``wan.py``).  They run on a full run, or when ``--only`` names them (``--only burst``,
 ``--only scale``, ``--only kafka-latency``, ``--only wan``; with ``--quick``, their quick
 variants)."""
