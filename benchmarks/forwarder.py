@@ -18,7 +18,7 @@ import nats
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from nats.aio.msg import Msg
 
-FETCH_MAX_WAIT_MS = 5  # as the benchmark's Kafka subscriber and bridges fetch
+from benchmarks.gen import KAFKA_FETCH_WAIT_MS
 
 
 def _servers(kafka: str) -> str:
@@ -50,7 +50,7 @@ async def out_of_kafka(nats_url: str, kafka: str, subject: str, topic: str) -> N
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="latest",
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        fetch_max_wait_ms=KAFKA_FETCH_WAIT_MS,
     )
     await consumer.start()
     consumer.assign([TopicPartition(topic, 0)])

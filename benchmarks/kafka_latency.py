@@ -173,13 +173,11 @@ def run_kafka_latency(plan: Plan, b: Brokers, workdir: Path) -> list[LatencyResu
                 def begin(case: Case = case, impl: str = impl) -> Any:
                     if impl != "forwarder":
                         return start(b, case, impl, workdir, probe=True)
-                    for step in case.setup:
+                    for step in case.setup:  # the case's topics (and streams)
                         step()
-                    if case.pub.proto == "kafka":
-                        kafka_create(b, case.pub.topic)
                     fwd = _Forwarder(b, case.pub, case.sub)
                     try:
-                        _probe(fwd, case.pub, case.sub, url)  # type: ignore[arg-type]
+                        _probe(fwd, case.pub, case.sub, url)
                     except Exception:
                         fwd.stop()
                         raise
@@ -193,13 +191,15 @@ def med(values: list[float]) -> str:
     return f"{statistics.median(values):.0f}" if values else "-"
 
 
+def _diffs(r: dict[str, Any], q: str) -> list[float]:
+    """Each run's bridged percentile less Kafka's own of the same seconds."""
+    return [a - d for a, d in zip(r[f"{q}_us"], r[f"direct_{q}_us"], strict=True)]
+
+
 def _added(r: dict[str, Any]) -> tuple[float, float] | None:
-    pairs = list(zip(r["p50_us"], r["direct_p50_us"], strict=False))
-    if not pairs or len(r["direct_p50_us"]) != len(r["p50_us"]):
+    if not r["direct_p50_us"]:
         return None
-    p50 = statistics.median(a - d for a, d in pairs)
-    p99 = statistics.median(a - d for a, d in zip(r["p99_us"], r["direct_p99_us"], strict=True))
-    return p50, p99
+    return statistics.median(_diffs(r, "p50")), statistics.median(_diffs(r, "p99"))
 
 
 def added_worst(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, str]]:
@@ -236,9 +236,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         got = _added(r)
         added = f"{got[0]:+.0f} / {got[1]:+.0f}" if got else "-"
-        runs = " / ".join(
-            f"{a - d:+.0f}" for a, d in zip(r["p50_us"], r["direct_p50_us"], strict=False)
-        ) or r["error"][:80].replace("|", "/")
+        runs = " / ".join(f"{v:+.0f}" for v in _diffs(r, "p50")) or r["error"][:80].replace(
+            "|", "/"
+        )
         way = r.get("way") or "-"
         out.append(
             f"| {way} | {r['note']} | {med(r['p50_us'])} / {med(r['p99_us'])} / "

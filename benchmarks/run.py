@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.brokers import BenchMosquitto, NatsServer, RabbitMQ, Tansu
+from benchmarks.gen import KAFKA_FETCH_WAIT_MS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -182,9 +183,7 @@ def _fb(b: Brokers, route: str, *, durable: bool, size: int) -> str:
               heartbeat_interval_ms: 500
               # lz4 batches, as mq-bridge writes them by default: the same bytes to Tansu
               compression: lz4
-              # The direct Kafka subscriber's fetch wait: Tansu answers a fetch only when
-              # its wait runs out, so a longer one would be latency no Kafka broker adds.
-              fetch_max_wait_ms: 5
+              fetch_max_wait_ms: {KAFKA_FETCH_WAIT_MS}
         routes:
           - name: bench
             delivery: {"at-least-once" if durable else "at-most-once"}
@@ -391,10 +390,9 @@ def cases(b: Brokers, size: int) -> list[Case]:
                             "url": b.kafka,
                             "topic": f"bench.{t}",
                             "group_id": f"p{t}",
-                            # The fetch wait of the direct subscriber and flowbridge.
                             "consumer_options": [
                                 ["auto.offset.reset", "earliest"],
-                                ["fetch.wait.max.ms", "5"],
+                                ["fetch.wait.max.ms", str(KAFKA_FETCH_WAIT_MS)],
                             ],
                         }
                     },
